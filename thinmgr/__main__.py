@@ -1,0 +1,3 @@
+from thinmgr.cli.main import main
+
+main()
