@@ -72,9 +72,12 @@ def run(args: list[str]) -> int:
     if positional[:1] == ["metadata"]:
         args = split_snap_args(args)
     try:
-        # Standalone mode: click reports usage errors itself (exit 2) and exits through
-        # SystemExit, which passes through here untouched.
+        # Standalone mode: click reports usage errors itself (exit 2) and ends every run,
+        # successful or not, with SystemExit; its code is ours.
         command.main(args=args, prog_name="thinmgr", standalone_mode=True)
+    except SystemExit as done:
+        code = done.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
     except ThinmgrError as error:
         return _report(error, debug)
     except KeyboardInterrupt:

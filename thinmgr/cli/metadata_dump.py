@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from thinmgr.cli.metadata import app
-from thinmgr.cli.output import write_chunks
+from thinmgr.cli.output import settings, write_chunks
 from thinmgr.cli.snapopt import parse_snap
 
 
@@ -21,13 +21,15 @@ class DumpFormat(str, Enum):
 
 @app.command("dump")
 def dump(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="Metadata file or device.")],
     metadata_snap: Annotated[str | None, typer.Option(
         "--metadata-snap", metavar="[=BLOCK]",
         help="Dump the held metadata snapshot (-m, --metadata-snap), or the one at BLOCK "
              "(--metadata-snap=BLOCK), as on a live pool.")] = None,
-    fmt: Annotated[DumpFormat, typer.Option("--format", "-f", help="Output format.")] =
-        DumpFormat.xml,
+    fmt: Annotated[DumpFormat | None, typer.Option(
+        "--format", "-f", help="Output format [default: xml; json with the global --json].")
+    ] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write to this file (atomically) instead of stdout.")] = None,
     dev_id: Annotated[list[int] | None, typer.Option(
@@ -39,6 +41,8 @@ def dump(
     from thinmgr.format.dump import DumpOptions, dump_human, dump_json, dump_xml
     from thinmgr.ops.metadata import open_metadata
 
+    if fmt is None:
+        fmt = DumpFormat.json if settings(ctx).json else DumpFormat.xml
     options = DumpOptions(dev_ids=frozenset(dev_id) if dev_id else None,
                           skip_mappings=skip_mappings)
     emitter = {DumpFormat.xml: dump_xml, DumpFormat.json: dump_json,
