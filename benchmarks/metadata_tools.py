@@ -23,13 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Comparison, report, time_command  # noqa: E402
-from tests.support.xmlgen import random_pool  # noqa: E402
+from benchmarks.common import Comparison, report, time_command
+from tests.support.xmlgen import random_pool
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mappings", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
@@ -52,20 +53,39 @@ def main() -> int:
 
         pairs = [
             ("dump", ["thinmgr", "metadata", "dump", meta], ["thin_dump", meta], 2.0),
-            ("check", ["thinmgr", "metadata", "check", "-q", meta], ["thin_check", "-q", meta],
-             2.0),
-            ("delta", ["thinmgr", "metadata", "delta", meta, "--snap1", a, "--snap2", b],
-             ["thin_delta", "--snap1", a, "--snap2", b, meta], None),
+            (
+                "check",
+                ["thinmgr", "metadata", "check", "-q", meta],
+                ["thin_check", "-q", meta],
+                2.0,
+            ),
+            (
+                "delta",
+                ["thinmgr", "metadata", "delta", meta, "--snap1", a, "--snap2", b],
+                ["thin_delta", "--snap1", a, "--snap2", b, meta],
+                None,
+            ),
             ("ls", ["thinmgr", "metadata", "ls", meta], ["thin_ls", meta], None),
-            ("restore", ["thinmgr", "metadata", "restore", "--force", "-i", xml, "-o", ours_out],
-             ["thin_restore", "-i", xml, "-o", theirs_out], None),
+            (
+                "restore",
+                ["thinmgr", "metadata", "restore", "--force", "-i", xml, "-o", ours_out],
+                ["thin_restore", "-i", xml, "-o", theirs_out],
+                None,
+            ),
         ]
         results = []
         for name, ours, theirs, goal in pairs:
             mine = time_command([str(x) for x in ours], runs=args.runs)
             base = time_command([str(x) for x in theirs], runs=args.runs)
-            results.append(Comparison(f"{name} ({args.mappings:,} mappings)", mine, base,
-                                      baseline_name=Path(str(theirs[0])).name, goal=goal))
+            results.append(
+                Comparison(
+                    f"{name} ({args.mappings:,} mappings)",
+                    mine,
+                    base,
+                    baseline_name=Path(str(theirs[0])).name,
+                    goal=goal,
+                )
+            )
     return report("metadata_tools", results)
 
 

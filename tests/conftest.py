@@ -32,8 +32,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("root") and not is_root:
             if "root" in required:
-                item.add_marker(pytest.mark.xfail(reason="root tier required but not root",
-                                                  strict=True, run=False))
+                item.add_marker(
+                    pytest.mark.xfail(
+                        reason="root tier required but not root", strict=True, run=False
+                    )
+                )
             else:
                 item.add_marker(pytest.mark.skip(reason="needs root"))
 
@@ -42,8 +45,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _oracle_present() -> None:
     missing = [t for t in ORACLE_TOOLS if shutil.which(t) is None]
     if missing:
-        pytest.fail(f"thin-provisioning-tools missing: {', '.join(missing)} "
-                    "(apt-get install thin-provisioning-tools)")
+        pytest.fail(
+            f"thin-provisioning-tools missing: {', '.join(missing)} "
+            "(apt-get install thin-provisioning-tools)"
+        )
 
 
 def run_tool(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -35,28 +35,42 @@ class Pool:
     version: int = 2
 
     def xml(self) -> str:
-        out = [f'<superblock uuid="" time="{self.time}" transaction="{self.transaction}" '
-               f'flags="{self.flags}" version="{self.version}" '
-               f'data_block_size="{self.data_block_size}" '
-               f'nr_data_blocks="{self.nr_data_blocks}">\n']
+        out = [
+            f'<superblock uuid="" time="{self.time}" transaction="{self.transaction}" '
+            f'flags="{self.flags}" version="{self.version}" '
+            f'data_block_size="{self.data_block_size}" '
+            f'nr_data_blocks="{self.nr_data_blocks}">\n'
+        ]
         for d in sorted(self.devices, key=lambda d: d.dev_id):
-            out.append(f'  <device dev_id="{d.dev_id}" mapped_blocks="{d.mapped}" '
-                       f'transaction="{d.transaction}" creation_time="{d.creation_time}" '
-                       f'snap_time="{d.snap_time}">\n')
+            out.append(
+                f'  <device dev_id="{d.dev_id}" mapped_blocks="{d.mapped}" '
+                f'transaction="{d.transaction}" creation_time="{d.creation_time}" '
+                f'snap_time="{d.snap_time}">\n'
+            )
             for v, b, n, t in d.runs:
                 if n == 1:
-                    out.append(f'    <single_mapping origin_block="{v}" data_block="{b}" '
-                               f'time="{t}"/>\n')
+                    out.append(
+                        f'    <single_mapping origin_block="{v}" data_block="{b}" time="{t}"/>\n'
+                    )
                 else:
-                    out.append(f'    <range_mapping origin_begin="{v}" data_begin="{b}" '
-                               f'length="{n}" time="{t}"/>\n')
+                    out.append(
+                        f'    <range_mapping origin_begin="{v}" data_begin="{b}" '
+                        f'length="{n}" time="{t}"/>\n'
+                    )
             out.append("  </device>\n")
         out.append("</superblock>\n")
         return "".join(out)
 
 
-def random_pool(seed: int, nr_devices: int, mappings_per_device: int, *,
-                max_run: int = 8, share: float = 0.5, max_time: int = 3) -> Pool:
+def random_pool(
+    seed: int,
+    nr_devices: int,
+    mappings_per_device: int,
+    *,
+    max_run: int = 8,
+    share: float = 0.5,
+    max_time: int = 3,
+) -> Pool:
     """Devices whose mappings overlap: later devices reuse a share of device 0's data blocks,
     as snapshots do, so that data blocks have reference counts above one."""
     rng = random.Random(seed)
@@ -67,8 +81,12 @@ def random_pool(seed: int, nr_devices: int, mappings_per_device: int, *,
     base: list[tuple[int, int, int, int]] = []
     devices = []
     for i in range(nr_devices):
-        dev = Device(dev_id=i * 3 + (7 if i % 2 else 0), transaction=i,
-                     creation_time=min(i, max_time), snap_time=min(i + 1, max_time))
+        dev = Device(
+            dev_id=i * 3 + (7 if i % 2 else 0),
+            transaction=i,
+            creation_time=min(i, max_time),
+            snap_time=min(i + 1, max_time),
+        )
         vblock = rng.randrange(0, 50)
         mapped = 0
         base_iter = iter(base)
@@ -91,5 +109,4 @@ def random_pool(seed: int, nr_devices: int, mappings_per_device: int, *,
         if i == 0:
             base = dev.runs
         devices.append(dev)
-    return Pool(devices=devices, nr_data_blocks=nr_data, time=max_time,
-                transaction=nr_devices)
+    return Pool(devices=devices, nr_data_blocks=nr_data, time=max_time, transaction=nr_devices)

@@ -13,7 +13,9 @@ from tests.conftest import RestoreFn
 from thinmgr import __version__
 from thinmgr.cli.app import run
 
-TINY = """<superblock uuid="" time="1" transaction="5" flags="0" version="2" data_block_size="128" nr_data_blocks="1000">
+TINY = """\
+<superblock uuid="" time="1" transaction="5" flags="0" version="2" data_block_size="128" \
+nr_data_blocks="1000">
   <device dev_id="0" mapped_blocks="3" transaction="0" creation_time="0" snap_time="1">
     <range_mapping origin_begin="0" data_begin="10" length="2" time="0"/>
     <single_mapping origin_block="5" data_block="20" time="0"/>
@@ -23,8 +25,9 @@ TINY = """<superblock uuid="" time="1" transaction="5" flags="0" version="2" dat
 
 
 def thinmgr(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "thinmgr", *args], capture_output=True,
-                          text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "thinmgr", *args], capture_output=True, text=True, check=False
+    )
 
 
 def test_version_from_module_and_console_script() -> None:
@@ -49,8 +52,7 @@ def test_usage_error_exits_2_without_traceback() -> None:
     assert "--no-such-option" in result.stderr
 
 
-def test_missing_file_exits_3_with_hint(tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_file_exits_3_with_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["metadata", "dump", str(tmp_path / "absent")]) == 3
     err = capsys.readouterr().err
     assert err.startswith("thinmgr: error: ")
@@ -66,8 +68,9 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert plain.returncode == debug.returncode == 3
 
 
-def test_global_json_switches_dump_to_json(restore_xml: RestoreFn,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_global_json_switches_dump_to_json(
+    restore_xml: RestoreFn, capsys: pytest.CaptureFixture[str]
+) -> None:
     meta = restore_xml(TINY)
     assert run(["--json", "metadata", "dump", str(meta)]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -79,8 +82,7 @@ def test_dump_to_file_is_written_whole(restore_xml: RestoreFn, tmp_path: Path) -
     meta = restore_xml(TINY)
     out = tmp_path / "dump.xml"
     assert run(["metadata", "dump", str(meta), "-o", str(out)]) == 0
-    oracle = subprocess.run(["thin_dump", str(meta)], capture_output=True, text=True,
-                            check=True)
+    oracle = subprocess.run(["thin_dump", str(meta)], capture_output=True, text=True, check=True)
     assert out.read_text() == oracle.stdout
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dump.xml")] == []
 
@@ -88,7 +90,8 @@ def test_dump_to_file_is_written_whole(restore_xml: RestoreFn, tmp_path: Path) -
 def test_closed_pipe_is_not_an_error(restore_xml: RestoreFn) -> None:
     meta = restore_xml(TINY)
     cmd = f"{sys.executable} -m thinmgr metadata dump {meta} | head -c 10"
-    result = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True,
-                            text=True, check=False)
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, check=False
+    )
     assert result.stdout == "<superbloc"
     assert "Traceback" not in result.stderr

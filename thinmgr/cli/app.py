@@ -26,7 +26,7 @@ DEFAULT_HOME = Path("/var/lib/thinmgr")
 app = typer.Typer(
     name="thinmgr",
     help="Thin-provisioning block storage manager: dm-thin pools, thin volumes, O(1) "
-         "snapshots, block diffs of image layers, and a container launcher.",
+    "snapshots, block diffs of image layers, and a container launcher.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -44,14 +44,23 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    home: Annotated[Path | None, typer.Option(
-        "--home", envvar="THINMGR_HOME",
-        help="State directory: catalog, file-backed pools, run-time state. "
-             "[default: /var/lib/thinmgr]")] = None,
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            "--home",
+            envvar="THINMGR_HOME",
+            help="State directory: catalog, file-backed pools, run-time state. "
+            "[default: /var/lib/thinmgr]",
+        ),
+    ] = None,
     json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     ctx.obj = Settings(home=home or DEFAULT_HOME, json=json, debug=debug)
 

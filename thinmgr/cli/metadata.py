@@ -9,7 +9,7 @@ import typer
 
 app = typer.Typer(
     help="Read, check, dump, restore and diff dm-thin pool metadata "
-         "(compatible with thin-provisioning-tools).",
+    "(compatible with thin-provisioning-tools).",
     no_args_is_help=True,
 )
 
@@ -21,5 +21,11 @@ from thinmgr.cli import (  # noqa: E402  (the modules register on `app` above)
     metadata_restore,
 )
 
-__all__ = ["app", "metadata_check", "metadata_delta", "metadata_dump", "metadata_ls",
-           "metadata_restore"]
+__all__ = [
+    "app",
+    "metadata_check",
+    "metadata_delta",
+    "metadata_dump",
+    "metadata_ls",
+    "metadata_restore",
+]

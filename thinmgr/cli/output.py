@@ -71,8 +71,14 @@ def write_chunks(chunks: Iterable[str], target: Path | None = None) -> None:
             handle.write(chunk)
 
 
-def table(ctx: typer.Context, title: str | None, columns: Sequence[str],
-          rows: Iterable[Sequence[object]], *, right: Sequence[str] = ()) -> None:
+def table(
+    ctx: typer.Context,
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    *,
+    right: Sequence[str] = (),
+) -> None:
     from rich.table import Table
 
     t = Table(title=title, show_edge=False, header_style="bold")

@@ -11,8 +11,9 @@ from thinmgr.ops.sources import MetadataFile
 
 
 @contextlib.contextmanager
-def open_metadata(path: str, *, snap: bool | int = False,
-                  report: Reporter = _raise) -> Iterator[ThinMetadata]:
+def open_metadata(
+    path: str, *, snap: bool | int = False, report: Reporter = _raise
+) -> Iterator[ThinMetadata]:
     """The metadata at ``path`` (live view, or the held snapshot with ``snap``)."""
     with MetadataFile(path) as source:
         yield ThinMetadata(source, snap=snap, report=report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -14,13 +15,13 @@ from thinmgr.format.constants import BLOCK_SIZE
 
 def _open_error(path: str, exc: OSError) -> ThinmgrError:
     if exc.errno == errno.ENOENT:
-        return NotFoundError(f"{path}: no such file or device",
-                             hint="Check the path of the metadata file or device.")
+        return NotFoundError(
+            f"{path}: no such file or device", hint="Check the path of the metadata file or device."
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return PermissionDenied(f"{path}: permission denied")
     if exc.errno == errno.EISDIR:
-        return IOFailure(f"{path}: is a directory",
-                         hint="Give the metadata file or device itself.")
+        return IOFailure(f"{path}: is a directory", hint="Give the metadata file or device itself.")
     return IOFailure(f"{path}: {exc.strerror}")
 
 
@@ -70,11 +71,9 @@ class MetadataFile:
     def close(self) -> None:
         self._view.release()
         if self._map is not None:
-            try:
+            # numpy views of blocks may still be alive; the mapping then goes with them.
+            with contextlib.suppress(BufferError):
                 self._map.close()
-            except BufferError:
-                # numpy views of blocks may still be alive; the mapping goes with them.
-                pass
             self._map = None
         if self._fd >= 0:
             os.close(self._fd)
@@ -83,6 +82,10 @@ class MetadataFile:
     def __enter__(self) -> MetadataFile:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
