@@ -45,8 +45,7 @@ def read_checked(source: BlockSource, blocknr: int, structure: str) -> bytes | m
     """
     if not 0 <= blocknr < source.nr_blocks:
         raise CorruptMetadataError(
-            f"block number {blocknr} is outside the metadata device "
-            f"({source.nr_blocks} blocks)",
+            f"block number {blocknr} is outside the metadata device ({source.nr_blocks} blocks)",
             block=blocknr,
             structure=structure,
         )

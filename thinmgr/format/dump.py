@@ -56,35 +56,43 @@ def runs_of(keys: U64, values: U64) -> Runs:
     breaks = (np.diff(keys) != one) | (np.diff(data) != one) | (np.diff(time) != 0)
     starts = np.flatnonzero(np.concatenate(([True], breaks)))
     lengths = np.diff(np.append(starts, len(keys)))
-    return Runs(keys[starts].tolist(), data[starts].tolist(), lengths.tolist(),
-                time[starts].tolist())
+    return Runs(
+        keys[starts].tolist(), data[starts].tolist(), lengths.tolist(), time[starts].tolist()
+    )
 
 
 def _superblock_xml(md: ThinMetadata) -> str:
+    # thin_dump 0.9.0 never prints metadata_snap, even with -m (section 9.1); only
+    # thin_delta does (section 9.2).
     sb = md.view
-    snap = f' metadata_snap="{md.snap_location}"' if md.snap_location is not None else ""
-    return (f'<superblock uuid="" time="{sb.time}" transaction="{sb.trans_id}" '
-            f'flags="{sb.flags}" version="{sb.version}" '
-            f'data_block_size="{sb.data_block_size}" '
-            f'nr_data_blocks="{md.nr_data_blocks}"{snap}>\n')
+    return (
+        f'<superblock uuid="" time="{sb.time}" transaction="{sb.trans_id}" '
+        f'flags="{sb.flags}" version="{sb.version}" '
+        f'data_block_size="{sb.data_block_size}" '
+        f'nr_data_blocks="{md.nr_data_blocks}">\n'
+    )
 
 
 def _device_xml(dev: int, details: DeviceDetails, mapped: int) -> str:
-    return (f'  <device dev_id="{dev}" mapped_blocks="{mapped}" '
-            f'transaction="{details.transaction_id}" '
-            f'creation_time="{details.creation_time}" '
-            f'snap_time="{details.snapshotted_time}">\n')
+    return (
+        f'  <device dev_id="{dev}" mapped_blocks="{mapped}" '
+        f'transaction="{details.transaction_id}" '
+        f'creation_time="{details.creation_time}" '
+        f'snap_time="{details.snapshotted_time}">\n'
+    )
 
 
 def _runs_xml(runs: Runs) -> str:
-    lines = []
+    lines: list[str] = []
     append = lines.append
     for v, d, n, t in zip(runs.vbegin, runs.dbegin, runs.length, runs.time, strict=True):
         if n == 1:
             append(f'    <single_mapping origin_block="{v}" data_block="{d}" time="{t}"/>\n')
         else:
-            append(f'    <range_mapping origin_begin="{v}" data_begin="{d}" '
-                   f'length="{n}" time="{t}"/>\n')
+            append(
+                f'    <range_mapping origin_begin="{v}" data_begin="{d}" '
+                f'length="{n}" time="{t}"/>\n'
+            )
     return "".join(lines)
 
 
@@ -94,8 +102,7 @@ class DumpOptions:
     skip_mappings: bool = False
 
 
-def _selected(md: ThinMetadata, options: DumpOptions) -> Iterator[tuple[int, DeviceDetails,
-                                                                        int]]:
+def _selected(md: ThinMetadata, options: DumpOptions) -> Iterator[tuple[int, DeviceDetails, int]]:
     for dev, (details, root) in md.devices().items():
         if options.dev_ids is None or dev in options.dev_ids:
             yield dev, details, root
@@ -111,8 +118,11 @@ def dump_xml(md: ThinMetadata, options: DumpOptions = DumpOptions()) -> Iterator
             continue
         keys, values = leaf_arrays(md.mapping_leaves(dev, root))
         # thin_dump prints the number of mappings it walked, not the stored count.
-        yield _device_xml(dev, details, len(keys)) + _runs_xml(runs_of(keys, values)) + \
-            "  </device>\n"
+        yield (
+            _device_xml(dev, details, len(keys))
+            + _runs_xml(runs_of(keys, values))
+            + "  </device>\n"
+        )
     yield "</superblock>\n"
 
 
@@ -123,9 +133,13 @@ def dump_json(md: ThinMetadata, options: DumpOptions = DumpOptions()) -> Iterato
     """
     sb = md.view
     head = {
-        "time": sb.time, "transaction": sb.trans_id, "flags": sb.flags,
-        "version": sb.version, "data_block_size": sb.data_block_size,
-        "nr_data_blocks": md.nr_data_blocks, "metadata_snap": md.snap_location,
+        "time": sb.time,
+        "transaction": sb.trans_id,
+        "flags": sb.flags,
+        "version": sb.version,
+        "data_block_size": sb.data_block_size,
+        "nr_data_blocks": md.nr_data_blocks,
+        "metadata_snap": md.snap_location,
     }
     yield json.dumps(head)[:-1] + ', "devices": ['
     first = True
@@ -136,10 +150,14 @@ def dump_json(md: ThinMetadata, options: DumpOptions = DumpOptions()) -> Iterato
             keys, values = leaf_arrays(md.mapping_leaves(dev, root))
             runs, mapped = runs_of(keys, values), len(keys)
         device = {
-            "dev_id": dev, "mapped_blocks": mapped, "transaction": details.transaction_id,
-            "creation_time": details.creation_time, "snap_time": details.snapshotted_time,
-            "mappings": [list(r) for r in zip(runs.vbegin, runs.dbegin, runs.length,
-                                                  runs.time, strict=True)],
+            "dev_id": dev,
+            "mapped_blocks": mapped,
+            "transaction": details.transaction_id,
+            "creation_time": details.creation_time,
+            "snap_time": details.snapshotted_time,
+            "mappings": [
+                list(r) for r in zip(runs.vbegin, runs.dbegin, runs.length, runs.time, strict=True)
+            ],
         }
         yield ("" if first else ", ") + json.dumps(device, separators=(",", ":"))
         first = False
@@ -149,18 +167,22 @@ def dump_json(md: ThinMetadata, options: DumpOptions = DumpOptions()) -> Iterato
 def dump_human(md: ThinMetadata, options: DumpOptions = DumpOptions()) -> Iterator[str]:
     """thin_dump -f human_readable."""
     sb = md.view
-    yield (f'begin superblock: "", {sb.time}, {sb.trans_id}, {sb.flags}, {sb.version}, '
-           f'{sb.data_block_size}, {md.nr_data_blocks}\n')
+    yield (
+        f'begin superblock: "", {sb.time}, {sb.trans_id}, {sb.flags}, {sb.version}, '
+        f"{sb.data_block_size}, {md.nr_data_blocks}\n"
+    )
     for dev, details, root in _selected(md, options):
         if options.skip_mappings:
             runs, mapped = Runs([], [], [], []), details.mapped_blocks
         else:
             keys, values = leaf_arrays(md.mapping_leaves(dev, root))
             runs, mapped = runs_of(keys, values), len(keys)
-        lines = [f"device: {dev}\nmapped_blocks: {mapped}\n"
-                 f"transaction: {details.transaction_id}\n"
-                 f"creation time: {details.creation_time}\n"
-                 f"snap time: {details.snapshotted_time}\n"]
+        lines = [
+            f"device: {dev}\nmapped_blocks: {mapped}\n"
+            f"transaction: {details.transaction_id}\n"
+            f"creation time: {details.creation_time}\n"
+            f"snap time: {details.snapshotted_time}\n"
+        ]
         for v, d, n, t in zip(runs.vbegin, runs.dbegin, runs.length, runs.time, strict=True):
             if n == 1:
                 lines.append(f"    {v} -> {d}, {t}\n")

@@ -19,7 +19,7 @@ from thinmgr.format.constants import (
     MAPPING_VALUE_SIZE,
     THIN_SUPERBLOCK_LOCATION,
 )
-from thinmgr.format.superblock import Superblock, parse_superblock
+from thinmgr.format.superblock import parse_superblock
 
 _DETAILS = struct.Struct("<QQII")
 
@@ -38,8 +38,9 @@ class DeviceDetails:
         return cls(*_DETAILS.unpack_from(raw, offset))
 
     def pack(self) -> bytes:
-        return _DETAILS.pack(self.mapped_blocks, self.transaction_id, self.creation_time,
-                             self.snapshotted_time)
+        return _DETAILS.pack(
+            self.mapped_blocks, self.transaction_id, self.creation_time, self.snapshotted_time
+        )
 
 
 def unpack_block_time(value: int) -> tuple[int, int]:
@@ -54,14 +55,17 @@ def pack_block_time(data_block: int, time: int) -> int:
 class ThinMetadata:
     """Read access to one view (live or held snapshot) of a pool's metadata."""
 
-    def __init__(self, source: BlockSource, *, snap: bool | int = False,
-                 report: Reporter = _raise) -> None:
+    def __init__(
+        self, source: BlockSource, *, snap: bool | int = False, report: Reporter = _raise
+    ) -> None:
         if source.nr_blocks < 1:
             raise CorruptMetadataError(
-                f"metadata device too small: {source.nr_blocks * BLOCK_SIZE} bytes of "
-                f"whole blocks, at least one {BLOCK_SIZE}-byte block is needed",
+                "metadata device too small: it holds no whole block, at least one "
+                f"{BLOCK_SIZE}-byte block (the superblock) is needed",
+                block=THIN_SUPERBLOCK_LOCATION,
                 structure="superblock",
-                hint="Is this the metadata device of a thin pool?")
+                hint="Is this the metadata device of a thin pool?",
+            )
         self.source = source
         self.report = report
         block = read_checked(source, THIN_SUPERBLOCK_LOCATION, "superblock")
@@ -74,15 +78,20 @@ class ThinMetadata:
                 raise NotFoundError(
                     "no metadata snapshot found: the superblock holds none",
                     hint="Reserve one first (`dmsetup message POOL 0 reserve_metadata_snap`), "
-                         "or drop --metadata-snap.")
+                    "or drop --metadata-snap.",
+                )
             if snap is not True and snap != held:
                 raise UsageError(
                     f"--metadata-snap={snap} does not match the held metadata snapshot "
-                    f"at block {held}", hint=f"Use --metadata-snap={held} or plain "
-                                               "--metadata-snap.")
+                    f"at block {held}",
+                    hint=f"Use --metadata-snap={held} or plain --metadata-snap.",
+                )
             self.snap_location = held
-            self.view = parse_superblock(read_checked(source, held, "metadata snapshot"), held,
-                                         structure="metadata snapshot superblock")
+            self.view = parse_superblock(
+                read_checked(source, held, "metadata snapshot"),
+                held,
+                structure="metadata snapshot superblock",
+            )
 
     @property
     def nr_data_blocks(self) -> int:
@@ -91,8 +100,13 @@ class ThinMetadata:
 
     def device_details(self) -> dict[int, DeviceDetails]:
         details: dict[int, DeviceDetails] = {}
-        walk = TreeWalk(self.source, self.view.device_details_root, DETAILS_VALUE_SIZE,
-                        "device details tree", report=self.report)
+        walk = TreeWalk(
+            self.source,
+            self.view.device_details_root,
+            DETAILS_VALUE_SIZE,
+            "device details tree",
+            report=self.report,
+        )
         for leaf in walk.leaves():
             offset = leaf.values_offset
             for i, dev in enumerate(leaf.key_list()):
@@ -102,8 +116,13 @@ class ThinMetadata:
     def mapping_roots(self) -> dict[int, int]:
         """Top level of the mapping tree: device id -> root of its block tree."""
         roots: dict[int, int] = {}
-        walk = TreeWalk(self.source, self.view.data_mapping_root, MAPPING_VALUE_SIZE,
-                        "mapping tree (top level)", report=self.report)
+        walk = TreeWalk(
+            self.source,
+            self.view.data_mapping_root,
+            MAPPING_VALUE_SIZE,
+            "mapping tree (top level)",
+            report=self.report,
+        )
         for leaf in walk.leaves():
             roots.update(zip(leaf.key_list(), leaf.child_list(), strict=True))
         return roots
@@ -113,20 +132,36 @@ class ThinMetadata:
         details = self.device_details()
         roots = self.mapping_roots()
         for dev in sorted(roots.keys() - details.keys()):
-            self.report(CorruptMetadataError(
-                f"mappings present for device {dev}, but it isn't present in the device "
-                "details tree", block=self.view.data_mapping_root, structure="mapping tree"))
+            self.report(
+                CorruptMetadataError(
+                    f"mappings present for device {dev}, but it isn't present in the device "
+                    "details tree",
+                    block=self.view.data_mapping_root,
+                    structure="mapping tree",
+                )
+            )
         for dev in sorted(details.keys() - roots.keys()):
-            self.report(CorruptMetadataError(
-                f"device {dev} has details but no mapping tree",
-                block=self.view.device_details_root, structure="device details tree"))
+            self.report(
+                CorruptMetadataError(
+                    f"device {dev} has details but no mapping tree",
+                    block=self.view.device_details_root,
+                    structure="device details tree",
+                )
+            )
         return {dev: (details[dev], roots[dev]) for dev in sorted(details.keys() & roots.keys())}
 
-    def mapping_leaves(self, dev: int, root: int, *, check_occupancy: bool = False) -> Iterator[
-            Node]:
+    def mapping_leaves(
+        self, dev: int, root: int, *, check_occupancy: bool = False
+    ) -> Iterator[Node]:
         """The leaves of one device's block tree in virtual-block order."""
-        walk = TreeWalk(self.source, root, MAPPING_VALUE_SIZE, f"mapping tree of device {dev}",
-                        report=self.report, check_occupancy=check_occupancy)
+        walk = TreeWalk(
+            self.source,
+            root,
+            MAPPING_VALUE_SIZE,
+            f"mapping tree of device {dev}",
+            report=self.report,
+            check_occupancy=check_occupancy,
+        )
         return walk.leaves()
 
     def mappings(self, dev: int, root: int) -> Iterator[tuple[int, int, int]]:

@@ -36,8 +36,9 @@ class SpaceMapRoot:
         return cls(*_SM_ROOT.unpack_from(slot, 0))
 
     def pack(self) -> bytes:
-        raw = _SM_ROOT.pack(self.nr_blocks, self.nr_allocated, self.bitmap_root,
-                            self.ref_count_root)
+        raw = _SM_ROOT.pack(
+            self.nr_blocks, self.nr_allocated, self.bitmap_root, self.ref_count_root
+        )
         return raw.ljust(SM_ROOT_SLOT, b"\0")
 
     @property
@@ -70,11 +71,23 @@ class Superblock:
     def unpack(cls, block: bytes | bytearray | memoryview) -> Superblock:
         f = _SB.unpack_from(block, 0)
         return cls(
-            flags=f[1], blocknr=f[2], uuid=f[3], magic=f[4], version=f[5], time=f[6],
-            trans_id=f[7], held_root=f[8], data_sm=SpaceMapRoot.unpack(f[9]),
-            metadata_sm=SpaceMapRoot.unpack(f[10]), data_mapping_root=f[11],
-            device_details_root=f[12], data_block_size=f[13], metadata_block_size=f[14],
-            metadata_nr_blocks=f[15], compat_flags=f[16], compat_ro_flags=f[17],
+            flags=f[1],
+            blocknr=f[2],
+            uuid=f[3],
+            magic=f[4],
+            version=f[5],
+            time=f[6],
+            trans_id=f[7],
+            held_root=f[8],
+            data_sm=SpaceMapRoot.unpack(f[9]),
+            metadata_sm=SpaceMapRoot.unpack(f[10]),
+            data_mapping_root=f[11],
+            device_details_root=f[12],
+            data_block_size=f[13],
+            metadata_block_size=f[14],
+            metadata_nr_blocks=f[15],
+            compat_flags=f[16],
+            compat_ro_flags=f[17],
             incompat_flags=f[18],
         )
 
@@ -82,23 +95,70 @@ class Superblock:
         """The whole 4 KiB block, zero padded and checksummed."""
         block = bytearray(BLOCK_SIZE)
         _SB.pack_into(
-            block, 0, 0, self.flags, self.blocknr, self.uuid, self.magic, self.version,
-            self.time, self.trans_id, self.held_root, self.data_sm.pack(),
-            self.metadata_sm.pack(), self.data_mapping_root, self.device_details_root,
-            self.data_block_size, self.metadata_block_size, self.metadata_nr_blocks,
-            self.compat_flags, self.compat_ro_flags, self.incompat_flags,
+            block,
+            0,
+            0,
+            self.flags,
+            self.blocknr,
+            self.uuid,
+            self.magic,
+            self.version,
+            self.time,
+            self.trans_id,
+            self.held_root,
+            self.data_sm.pack(),
+            self.metadata_sm.pack(),
+            self.data_mapping_root,
+            self.device_details_root,
+            self.data_block_size,
+            self.metadata_block_size,
+            self.metadata_nr_blocks,
+            self.compat_flags,
+            self.compat_ro_flags,
+            self.incompat_flags,
         )
         seal(block, SUPERBLOCK_CSUM_XOR)
         return block
 
     def snapshot_copy(self, location: int) -> Superblock:
         """The held copy ``reserve_metadata_snap`` writes: sm roots zeroed, blocknr = itself."""
-        return replace(self, blocknr=location, data_sm=SpaceMapRoot(),
-                       metadata_sm=SpaceMapRoot(), held_root=0)
+        return replace(
+            self, blocknr=location, data_sm=SpaceMapRoot(), metadata_sm=SpaceMapRoot(), held_root=0
+        )
 
 
-def parse_superblock(block: bytes | bytearray | memoryview, location: int,
-                     *, structure: str = "superblock") -> Superblock:
+def _looks_like_xml(block: bytes | bytearray | memoryview) -> bool:
+    head = bytes(block[:64]).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith((b"<?xml", b"<superblock"))
+
+
+def _bad_superblock(
+    block: bytes | bytearray | memoryview, location: int, structure: str
+) -> CorruptMetadataError:
+    """The error for a superblock whose checksum fails, saying what the block looks like.
+
+    thin_check 0.9.0 likewise tells an XML file from damaged metadata (section 11.1).
+    """
+    if _looks_like_xml(block):
+        return CorruptMetadataError(
+            "bad checksum: this looks like XML (a dump), not binary metadata",
+            block=location,
+            structure=structure,
+            hint="Turn a dump into metadata with `thinmgr metadata restore`.",
+        )
+    if not any(bytes(block)):
+        return CorruptMetadataError(
+            "bad checksum: the block is all zeroes (unformatted, or not thin-pool metadata)",
+            block=location,
+            structure=structure,
+            hint="Is this the metadata device of a thin pool?",
+        )
+    return CorruptMetadataError("bad checksum", block=location, structure=structure)
+
+
+def parse_superblock(
+    block: bytes | bytearray | memoryview, location: int, *, structure: str = "superblock"
+) -> Superblock:
     """Decode and validate a superblock read from ``location``.
 
     Checks what the kernel's ``sb_check`` checks (checksum, self block number, magic) and
@@ -107,20 +167,27 @@ def parse_superblock(block: bytes | bytearray | memoryview, location: int,
     if len(block) < BLOCK_SIZE:
         raise CorruptMetadataError("short block", block=location, structure=structure)
     if not checksum_ok(block, SUPERBLOCK_CSUM_XOR):
-        raise CorruptMetadataError("bad checksum", block=location, structure=structure)
+        raise _bad_superblock(block, location, structure)
     sb = Superblock.unpack(block)
     if sb.blocknr != location:
         raise CorruptMetadataError(
-            f"block number field says {sb.blocknr}", block=location, structure=structure)
+            f"block number field says {sb.blocknr}", block=location, structure=structure
+        )
     if sb.magic != THIN_MAGIC:
         raise CorruptMetadataError(
-            f"bad magic {sb.magic} (expected {THIN_MAGIC})", block=location, structure=structure)
+            f"bad magic {sb.magic} (expected {THIN_MAGIC})", block=location, structure=structure
+        )
     if sb.incompat_flags or sb.compat_flags:
         raise CorruptMetadataError(
             f"unsupported feature flags compat={sb.compat_flags:#x} "
-            f"incompat={sb.incompat_flags:#x}", block=location, structure=structure)
+            f"incompat={sb.incompat_flags:#x}",
+            block=location,
+            structure=structure,
+        )
     if sb.metadata_block_size != METADATA_BLOCK_SECTORS:
         raise CorruptMetadataError(
             f"metadata block size {sb.metadata_block_size} sectors (must be 8)",
-            block=location, structure=structure)
+            block=location,
+            structure=structure,
+        )
     return sb
