@@ -19,7 +19,7 @@ class DeltaFormat(StrEnum):
 
 
 @app.command("delta")
-def delta(  # noqa: PLR0917  (typer maps each option to a parameter)
+def delta(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="Metadata file or device.")],
     snap1: Annotated[

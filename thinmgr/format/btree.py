@@ -35,7 +35,7 @@ class Node:
 
     __slots__ = ("block", "blocknr", "flags", "keys", "max_entries", "nr_entries", "value_size")
 
-    def __init__(  # noqa: PLR0917  (positional since the first version; kept for callers)
+    def __init__(
         self,
         block: bytes | memoryview,
         blocknr: int,
