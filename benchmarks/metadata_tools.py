@@ -67,6 +67,12 @@ def main() -> int:
             ),
             ("ls", ["thinmgr", "metadata", "ls", meta], ["thin_ls", meta], None),
             (
+                "ls -o DEV,EXCLUSIVE_BLOCKS,SHARED_BLOCKS",
+                ["thinmgr", "metadata", "ls", "-o", "DEV,EXCLUSIVE_BLOCKS,SHARED_BLOCKS", meta],
+                ["thin_ls", "-o", "DEV,EXCLUSIVE_BLOCKS,SHARED_BLOCKS", meta],
+                None,
+            ),
+            (
                 "restore",
                 ["thinmgr", "metadata", "restore", "--force", "-i", xml, "-o", ours_out],
                 ["thin_restore", "-i", xml, "-o", theirs_out],

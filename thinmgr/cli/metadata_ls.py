@@ -42,6 +42,7 @@ def ls(
     """Per-device usage; the text is identical to thin_ls 0.9.0's (--json: every figure)."""
     from thinmgr.format.ls import (
         DEFAULT_FIELDS,
+        SHARING_FIELDS,
         device_usage,
         ls_json,
         ls_rows,
@@ -51,10 +52,12 @@ def ls(
     from thinmgr.ops.metadata import open_metadata
 
     columns = parse_fields(fields) if fields is not None else list(DEFAULT_FIELDS)
+    as_json = settings(ctx).json
+    sharing = as_json or not SHARING_FIELDS.isdisjoint(columns)
     with open_metadata(source, snap=parse_snap(metadata_snap)) as md:
-        usage = device_usage(md)
+        usage = device_usage(md, sharing=sharing)
         data_block_size = md.view.data_block_size
-    if settings(ctx).json:
+    if as_json:
         emit_json(ls_json(usage, data_block_size))
         return
     rows = ls_rows(usage, columns, data_block_size)

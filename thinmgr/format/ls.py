@@ -32,6 +32,7 @@ LS_FIELDS = (
     "TRANSACTION", "CREATE_TIME", "SNAP_TIME",
 )  # fmt: skip
 DEFAULT_FIELDS = ("DEV", "MAPPED", "CREATE_TIME", "SNAP_TIME")  # thin_ls 0.9.0 without -o
+SHARING_FIELDS = frozenset(f for f in LS_FIELDS if "EXCLUSIVE" in f or "SHARED" in f)
 
 _U64_MASK = (1 << 64) - 1
 
@@ -52,26 +53,45 @@ class DeviceUsage:
         return (self.mapped_blocks - self.exclusive_blocks) & _U64_MASK
 
 
-def device_usage(md: ThinMetadata) -> list[DeviceUsage]:
-    """Usage of every device, in device-id order."""
+# Below this many distinct data block numbers a dense bincount (linear, no sort) is cheaper
+# than np.unique; above it (a huge or hostile data device) sorting bounds the memory.
+_DENSE_COUNT_LIMIT = 1 << 26
+
+
+def _mapping_counts(per_device: list[U64]) -> Callable[[U64], npt.NDArray[np.intp]]:
+    """How many mappings (of all devices) point at each data block, as a lookup function."""
+    if not per_device:
+        return lambda data: np.zeros(len(data), dtype=np.intp)
+    everything = np.concatenate(per_device)
+    if len(everything) and int(everything.max()) < _DENSE_COUNT_LIMIT:
+        dense = np.bincount(everything.astype(np.intp))
+        return lambda data: dense[data.astype(np.intp)]
+    blocks, counts = np.unique(everything, return_counts=True)
+    return lambda data: counts[np.searchsorted(blocks, data)]
+
+
+def device_usage(md: ThinMetadata, *, sharing: bool = True) -> list[DeviceUsage]:
+    """Usage of every device, in device-id order.
+
+    Without ``sharing`` only the details tree is read (exclusive counts are then 0): the
+    columns thin_ls prints by default need nothing else, and it does not read more either.
+    """
     devices = md.devices()
     data_by_root: dict[int, U64] = {}
     per_device: list[U64] = []
-    for dev, (_, root) in devices.items():
-        # Devices whose whole tree is shared (a fresh snapshot) are read once.
-        if root not in data_by_root:
-            _, values = leaf_arrays(md.mapping_leaves(dev, root))
-            data_by_root[root] = values >> np.uint64(24)
-        per_device.append(data_by_root[root])
-    if per_device:
-        blocks, counts = np.unique(np.concatenate(per_device), return_counts=True)
-    else:
-        blocks, counts = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.intp)
+    if sharing:
+        for dev, (_, root) in devices.items():
+            # Devices whose whole tree is shared (a fresh snapshot) are read once.
+            if root not in data_by_root:
+                _, values = leaf_arrays(md.mapping_leaves(dev, root))
+                data_by_root[root] = values >> np.uint64(24)
+            per_device.append(data_by_root[root])
+    count_of = _mapping_counts(per_device)
     usage = []
-    for (dev, (details, _)), data in zip(devices.items(), per_device, strict=True):
+    for index, (dev, (details, _)) in enumerate(devices.items()):
         exclusive = 0
-        if len(data):
-            exclusive = int(np.count_nonzero(counts[np.searchsorted(blocks, data)] == 1))
+        if sharing and len(per_device[index]):
+            exclusive = int(np.count_nonzero(count_of(per_device[index]) == 1))
         usage.append(
             DeviceUsage(
                 dev,
