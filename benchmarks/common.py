@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,3 +206,18 @@ def save_result(name: str, data: Mapping[str, Any]) -> Path:
     temporary.write_text(json.dumps(payload, indent=2) + "\n")
     temporary.replace(path)  # never a half-written result
     return path
+
+
+def console_script() -> str:
+    """The ``thinmgr`` script installed beside this interpreter.
+
+    Preferred over PATH, where a version manager's shim (pyenv's is a shell script) would add
+    its own start-up to thinmgr's.
+    """
+    beside = Path(sysconfig.get_path("scripts")) / "thinmgr"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("thinmgr")
+    if found is None:
+        raise SystemExit("thinmgr is not installed: pip install -e .")
+    return found

@@ -12,32 +12,15 @@ command pays), and prints median, min and the ratio to that floor. The goal for
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import sysconfig
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Comparison, report, time_commands
+from benchmarks.common import Comparison, console_script, report, time_commands
 
 VERSION_GOAL_MS = 80.0
 BASELINE = "python -c pass"
-
-
-def console_script() -> str:
-    """The ``thinmgr`` script installed beside this interpreter.
-
-    Preferred over PATH, where a version manager's shim (pyenv's is a shell script) would add
-    its own start-up to thinmgr's.
-    """
-    beside = Path(sysconfig.get_path("scripts")) / "thinmgr"
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("thinmgr")
-    if found is None:
-        raise SystemExit("thinmgr is not installed: pip install -e .")
-    return found
 
 
 def main() -> int:
