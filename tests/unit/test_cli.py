@@ -95,3 +95,13 @@ def test_closed_pipe_is_not_an_error(restore_xml: RestoreFn) -> None:
     )
     assert result.stdout == "<superbloc"
     assert "Traceback" not in result.stderr
+
+
+def test_bare_metadata_snap_flag_after_global_options(
+    restore_xml: RestoreFn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meta = restore_xml(TINY)
+    # The flag without a value means "the held snapshot"; this image holds none: exit 3.
+    assert run(["--home", str(tmp_path), "metadata", "dump", "--metadata-snap", str(meta)]) == 3
+    assert "no metadata snapshot" in capsys.readouterr().err
+    assert run(["metadata", "dump", "-m", str(meta)]) == 3

@@ -77,8 +77,7 @@ def _report(error: ThinmgrError, debug: bool) -> int:
 def run(args: list[str]) -> int:
     command = typer.main.get_command(app)
     debug = "--debug" in args
-    positional = [a for a in args if not a.startswith("-")]
-    if positional[:1] == ["metadata"]:
+    if "metadata" in args:  # thin-provisioning-tools' bare -m / --metadata-snap
         args = split_snap_args(args)
     try:
         # Standalone mode: click reports usage errors itself (exit 2) and ends every run,
