@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from thinmgr.engine.user.backend import BlockBackend
-from thinmgr.errors import BusyError, IOFailure, ThinmgrError
+from thinmgr.errors import BusyError, IOFailure, NoSpaceError, ThinmgrError
 from thinmgr.kernel import fuse as k
 from thinmgr.kernel.mount import MNT_DETACH, is_mount_point, umount
 
@@ -187,6 +187,8 @@ class FuseExport:
                 continue
             try:
                 handler(view[header.size : length], unique, nodeid, opcode)
+            except NoSpaceError:  # the pool is full: the writer gets ENOSPC, as from dm-thin
+                self._reply_error(unique, errno.ENOSPC)
             except ThinmgrError as exc:
                 self._backend_failed(unique, str(exc))
             except OSError as exc:
