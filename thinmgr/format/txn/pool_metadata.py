@@ -25,6 +25,7 @@ from thinmgr.format.constants import (
     BLOCK_SIZE,
     DETAILS_VALUE_SIZE,
     MAPPING_VALUE_SIZE,
+    MAX_BTREE_DEPTH,
     MAX_DATA_BLOCK,
     MAX_DATA_BLOCK_SECTORS,
     MAX_DEV_ID,
@@ -305,6 +306,41 @@ class PoolMetadata:
         for vblock, value in _walk_leaf_entries(self.tm, u64(raw), MAPPING_VALUE_SIZE):
             packed = u64(value)
             yield vblock, packed >> 24, packed & 0xFFFFFF
+
+    def highest_mapped_block(self, dev: int) -> int | None:
+        """The largest mapped virtual block of ``dev`` (the rightmost leaf entry), or None:
+        ``dm_thin_get_highest_mapped_block``, one root-to-leaf walk."""
+        self._open_device(dev)
+        raw = lookup(self.tl_info, self.mapping_root, [dev])
+        if raw is None:
+            return None
+        block = u64(raw)
+        for _ in range(MAX_BTREE_DEPTH + 1):
+            node = self.tm.read_node(block, MAPPING_VALUE_SIZE)
+            if not node.keys:
+                return None
+            if node.is_leaf:
+                return int(node.keys[-1])
+            block = u64(node.values[-1])
+        raise CorruptMetadataError(
+            "btree deeper than any valid tree", block=block, structure="mapping tree"
+        )
+
+    def mapping_leaves(self, dev: int) -> Iterator[tuple[list[int], list[bytes]]]:
+        """The (keys, packed block_time values) of every leaf of ``dev``'s mapping tree, in
+        key order: a bulk view for callers that load all mappings (the user engine's
+        per-volume mapping cache), without a tuple per mapping."""
+        self._open_device(dev)
+        raw = lookup(self.tl_info, self.mapping_root, [dev])
+        if raw is None:
+            return
+        stack = [u64(raw)]
+        while stack:
+            node = self.tm.read_node(stack.pop(), MAPPING_VALUE_SIZE)
+            if node.is_leaf:
+                yield node.keys, node.values
+            else:
+                stack.extend(u64(value) for value in reversed(node.values))
 
     # -- data space ----------------------------------------------------------------------
 
