@@ -142,6 +142,10 @@ class Engine(Protocol):
         ...
 
     # --- metadata access for diffs and checks --------------------------------------------
+    def release_metadata_snapshot(self, spec: PoolSpec) -> None:
+        """Release a metadata snapshot left held (by a crashed reader or another tool);
+        a no-op when none is held. Used by `thinmgr doctor --fix`."""
+
     def metadata_view(self, spec: PoolSpec) -> AbstractContextManager[MetadataView]:
         """A stable view of the committed metadata while the context lasts.
 

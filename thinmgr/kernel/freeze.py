@@ -1,0 +1,118 @@
+"""FIFREEZE/FITHAW of a mounted filesystem, and finding where a block device is mounted.
+
+Used around a snapshot of a live volume: freeze the filesystem (the kernel flushes it and
+blocks new writes), suspend the thin device, snapshot, resume, thaw (ARCHITECTURE.md, main
+flow 5; prior-art.md section 3, item 11).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from thinmgr.kernel.errno_map import kernel_error
+
+# linux/fs.h: #define FIFREEZE _IOWR('X', 119, int), FITHAW _IOWR('X', 120, int)
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+@dataclass(frozen=True)
+class Mount:
+    device: str  # "major:minor" of the filesystem's device (st_dev), field 3 of mountinfo
+    mount_point: str
+    fs_type: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo (octal)
+    out, i = [], 0
+    while i < len(field):
+        chunk = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(chunk) == 3 and all(c in "01234567" for c in chunk):
+            out.append(chr(int(chunk, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The mounts listed in a /proc/PID/mountinfo text (proc(5))."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 2:
+            continue
+        mounts.append(Mount(fields[2], _unescape(fields[4]), tail[0], _unescape(tail[1])))
+    return mounts
+
+
+def read_mounts(path: Path = MOUNTINFO) -> list[Mount]:
+    try:
+        return parse_mountinfo(path.read_text(encoding="utf-8", errors="surrogateescape"))
+    except OSError as exc:
+        raise kernel_error(f"read {path}", exc) from exc
+
+
+def device_number(path: str | os.PathLike[str]) -> str | None:
+    """ "major:minor" of a block device node, None when ``path`` is not one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def mounts_of(device: str | os.PathLike[str], mounts: list[Mount] | None = None) -> list[Mount]:
+    """Where the block device ``device`` is mounted (by major:minor), in this namespace."""
+    number = device_number(device)
+    if number is None:
+        return []
+    return [m for m in (read_mounts() if mounts is None else mounts) if m.device == number]
+
+
+def _ioctl_on(mount_point: str, request: int, what: str) -> None:
+    try:
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise kernel_error(f"open {mount_point}", exc) from exc
+    try:
+        fcntl.ioctl(fd, request, 0)
+    except OSError as exc:
+        raise kernel_error(f"{what} {mount_point}", exc) from exc
+    finally:
+        os.close(fd)
+
+
+def freeze(mount_point: str) -> None:
+    """FIFREEZE: flush the filesystem and block writes to it until ``thaw``."""
+    _ioctl_on(mount_point, FIFREEZE, "freeze")
+
+
+def thaw(mount_point: str) -> bool:
+    """FITHAW; False when it was not frozen (EINVAL), which is not an error here."""
+    try:
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise kernel_error(f"open {mount_point}", exc) from exc
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+        return True
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise kernel_error(f"thaw {mount_point}", exc) from exc
+    finally:
+        os.close(fd)

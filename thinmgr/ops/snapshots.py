@@ -1,0 +1,121 @@
+"""``thinmgr snapshot``: an O(1) snapshot, consistent even of a mounted, busy origin.
+
+For an active origin the order is freeze (FIFREEZE: the filesystem flushes and blocks new
+writes) -> suspend the thin device (in-flight I/O drains) -> create the snapshot -> resume
+-> thaw (prior-art.md section 3, item 11, and section 6, item 7: resume and thaw always run,
+in that order, also on error). Freezing is bounded in time: a freeze that does not finish
+within ``FREEZE_TIMEOUT`` seconds fails the snapshot, and the filesystem is thawed as soon
+as the freeze completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from thinmgr.catalog.models import Device, DeviceKind, DeviceState, Pool
+from thinmgr.errors import BusyError, ThinmgrError
+from thinmgr.kernel.freeze import freeze, mounts_of, thaw
+from thinmgr.ops import journal
+from thinmgr.ops.manager import Manager
+from thinmgr.ops.naming import check_name
+from thinmgr.ops.volumes import VolumeInfo, _usable, allocate, show_volume
+
+FREEZE_TIMEOUT = 10.0
+
+
+def _freeze_bounded(mount_point: str, timeout: float) -> None:
+    """FIFREEZE in a worker thread, waited for at most ``timeout`` seconds.
+
+    The ioctl cannot be interrupted; when we stop waiting, the worker thaws the filesystem
+    itself once its freeze returns (the thread is not a daemon, so the interpreter waits for
+    it at exit and the thaw is never skipped).
+    """
+    guard = threading.Lock()
+    done = threading.Event()
+    abandoned = False
+    failure: list[ThinmgrError] = []
+
+    def work() -> None:
+        try:
+            freeze(mount_point)
+        except ThinmgrError as exc:
+            failure.append(exc)
+        with guard:
+            if abandoned and not failure:
+                with contextlib.suppress(ThinmgrError):
+                    thaw(mount_point)
+            done.set()
+
+    threading.Thread(target=work, name="thinmgr-freeze").start()
+    if not done.wait(timeout):
+        with guard:
+            if not done.is_set():
+                abandoned = True
+                raise BusyError(
+                    f"freezing {mount_point} took more than {timeout:g} s",
+                    hint="The filesystem is flushing a lot of dirty data; try again, or "
+                    "sync first.",
+                )
+    if failure:
+        raise failure[0]
+
+
+@contextmanager
+def frozen(mount_point: str | None, timeout: float = FREEZE_TIMEOUT) -> Iterator[None]:
+    """The filesystem at ``mount_point`` frozen while the context lasts (nothing if None)."""
+    if mount_point is None:
+        yield
+        return
+    _freeze_bounded(mount_point, timeout)
+    try:
+        yield
+    finally:
+        thaw(mount_point)
+
+
+def create_snapshot(
+    mgr: Manager, pool_name: str, origin: str, name: str, *, read_only: bool = False
+) -> VolumeInfo:
+    check_name("volume", name)
+    with mgr.writing(pool_name) as h:
+        with mgr.catalog.read() as session:
+            source = _usable(session, session.get_one(Pool, h.id), origin)
+            origin_row, origin_dev, size = source.id, source.thin_id, source.virtual_size_bytes
+        status = h.engine.volume_status(h.spec, origin_dev)
+        mount_point = None
+        if status.active and status.device is not None:
+            mounts = mounts_of(status.device)
+            mount_point = mounts[0].mount_point if mounts else None
+
+        def prepare(session: Session, pool: Pool) -> dict[str, Any]:
+            dev_id = allocate(session, pool, name)
+            device = Device(
+                pool_id=pool.id,
+                thin_id=dev_id,
+                name=name,
+                kind=DeviceKind.SNAPSHOT,
+                origin_id=origin_row,
+                virtual_size_bytes=size,
+                read_only=read_only,
+                state=DeviceState.CREATING,
+            )
+            session.add(device)
+            session.flush()
+            return {"dev_id": dev_id, "device": device.id, "origin_dev_id": origin_dev}
+
+        def apply(payload: dict[str, Any]) -> None:
+            dev_id = int(payload["dev_id"])
+            if not status.active:
+                h.engine.create_snapshot(h.spec, dev_id, origin_dev)
+                return
+            with frozen(mount_point), h.engine.suspended(h.spec, origin_dev):
+                h.engine.create_snapshot(h.spec, dev_id, origin_dev)
+
+        journal.execute(mgr, h, journal.CREATE_SNAPSHOT, prepare, apply)
+    return show_volume(mgr, pool_name, name, engine=False)
