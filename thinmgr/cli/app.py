@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from thinmgr import __version__
-from thinmgr.cli import metadata
+from thinmgr.cli import doctor, lab, metadata, pool, snapshot, volume
 from thinmgr.cli.output import Settings
 from thinmgr.cli.snapopt import split_snap_args
 from thinmgr.errors import ExitCode, InternalError, IOFailure, ThinmgrError
@@ -33,6 +33,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(metadata.app, name="metadata")
+app.add_typer(pool.app, name="pool")
+app.add_typer(volume.app, name="volume")
+app.command("snapshot")(snapshot.snapshot)
+app.command("doctor")(doctor.doctor)
+app.add_typer(lab.app, name="lab")
 
 
 def _version(value: bool) -> None:
