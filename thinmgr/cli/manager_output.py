@@ -68,3 +68,33 @@ def fields(ctx: typer.Context, rows: list[tuple[str, object]]) -> None:
     for key, value in rows:
         t.add_row(key, str(value))
     settings(ctx).console.print(t)
+
+
+# Above this many rows a listing is printed as plain aligned text: rich lays out every cell
+# (about 0.6 s for 1,000 volumes on a small machine), which `volume list` cannot afford.
+PLAIN_TABLE_ROWS = 100
+
+
+def listing(
+    ctx: typer.Context,
+    columns: list[str],
+    rows: list[tuple[object, ...]],
+    *,
+    right: tuple[str, ...] = (),
+) -> None:
+    """A table of many rows: rich for a short one, plain aligned columns for a long one."""
+    from thinmgr.cli.output import table
+
+    if len(rows) <= PLAIN_TABLE_ROWS:
+        table(ctx, None, columns, rows, right=right)
+        return
+    cells = [columns, *([str(v) for v in row] for row in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    out = []
+    for line in cells:
+        parts = [
+            text.rjust(width) if name in right else text.ljust(width)
+            for text, width, name in zip(line, widths, columns, strict=True)
+        ]
+        out.append("  ".join(parts).rstrip())
+    sys.stdout.write("\n".join(out) + "\n")

@@ -134,6 +134,22 @@ def status(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Pool na
     _show_report(ctx, report)
 
 
+_SERVED_NOTES = {
+    "idle": "no volume active; opened on demand",
+    "serving": "a server process serves its active volumes",
+}
+
+
+def _state_text(d: dict[str, Any]) -> str:
+    """E.g. "active, idle (no volume active; opened on demand)": the catalog's state, then
+    how the engine serves the pool (``ops.pools.served_state``)."""
+    served = d.get("served")
+    if served is None:
+        return str(d["state"])
+    note = _SERVED_NOTES.get(served)
+    return f"{d['state']}, {served}" + (f" ({note})" if note else "")
+
+
 def _show_report(ctx: typer.Context, report: PoolReport) -> None:
     if settings(ctx).json:
         emit_json(report.as_dict())
@@ -142,12 +158,7 @@ def _show_report(ctx: typer.Context, report: PoolReport) -> None:
     rows: list[tuple[str, Any]] = [
         ("pool", d["name"]),
         ("engine", d["engine"]),
-        (
-            "state",
-            d["state"]
-            if d["active"] is None
-            else f"{d['state']} (engine: {'active' if d['active'] else 'inactive'})",
-        ),
+        ("state", _state_text(d)),
         ("mode", d["mode"] or "-"),
         ("data", f"{percent(d['data_used_percent'])} of {size(d['data_size'])} used"),
         (

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from thinmgr.cli.manager_output import fields, say, size, warn
-from thinmgr.cli.output import emit_json, settings, table
+from thinmgr.cli.manager_output import fields, listing, say, size, warn
+from thinmgr.cli.output import emit_json, settings
 
 if TYPE_CHECKING:
     from thinmgr.ops.volumes import VolumeInfo
@@ -34,6 +34,8 @@ def show(ctx: typer.Context, info: VolumeInfo) -> None:
     ]
     if info.mapped_bytes is not None:
         rows.append(("mapped", f"{size(info.mapped_bytes)} ({info.mapped_blocks} blocks)"))
+    if info.path is not None:
+        rows.append(("path", info.path))
     if info.device is not None:
         rows.append(("device", f"{info.device} (open: {info.open_count})"))
     fields(ctx, rows)
@@ -73,9 +75,8 @@ def list_(
     if settings(ctx).json:
         emit_json([v.as_dict() for v in volumes])
         return
-    table(
+    listing(
         ctx,
-        None,
         ["POOL", "NAME", "ID", "KIND", "ORIGIN", "SIZE", "RO", "STATE"],
         [
             (
@@ -90,7 +91,7 @@ def list_(
             )
             for v in volumes
         ],
-        right=["ID", "SIZE"],
+        right=("ID", "SIZE"),
     )
 
 
@@ -132,7 +133,7 @@ def activate(ctx: typer.Context, pool: Pool, name: Name) -> None:
     if settings(ctx).json:
         emit_json(info.as_dict())
     else:
-        typer.echo(info.device)
+        typer.echo(info.path or info.device)
 
 
 @app.command("deactivate")

@@ -21,10 +21,17 @@ CatalogDriftError (exit 8) and nothing is touched.
 Removals that find the volume busy are retried, then deferred: the device row is marked
 ``deleting`` with a pending ``deferred_remove`` step, and the next command or ``doctor``
 finishes it. A removal is never half done: the row goes only with the device.
+
+Test-only crash points: with ``THINMGR_TEST_CRASH_AT=KIND:POINT`` in the environment (KIND a
+step kind such as ``create_thin``, POINT one of ``CRASH_POINTS``) the process kills itself
+with SIGKILL at that point, so the root-tier crash tests can stop a command between any two
+phases. It is not a user setting; nothing sets it outside the tests.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,8 +62,21 @@ _CREATES = (CREATE_THIN, CREATE_SNAPSHOT)
 # deferring. Every manager ended up with bounded EBUSY retries (prior-art.md section 3, item 2).
 BUSY_RETRY_DELAYS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
 
+CRASH_ENV = "THINMGR_TEST_CRASH_AT"
+# Where a crash test may stop a step: after the write-ahead, after the engine step, after the
+# pool's transaction id moved (before the catalog's did), and (removals) after the row was
+# marked deleting and the volume deactivated.
+CRASH_POINTS = ("written-ahead", "engine-done", "advanced", "marked")
+
 Prepare = Callable[[Session, Pool], dict[str, Any]]
 Apply = Callable[[dict[str, Any]], None]  # gets the payload `Prepare` made
+
+
+def crash_point(kind: str, point: str) -> None:
+    """Test-only: SIGKILL ourselves here when ``THINMGR_TEST_CRASH_AT`` names this point."""
+    wanted = os.environ.get(CRASH_ENV)
+    if wanted is not None and wanted == f"{kind}:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def drift_error(name: str, catalog_tid: int, pending: int | None, pool_tid: int) -> ThinmgrError:
@@ -105,6 +125,7 @@ def execute(
         session.add(step)
         session.flush()
         step_id = step.id
+    crash_point(kind, "written-ahead")
     try:
         apply(payload)
     except ThinmgrError:
@@ -112,7 +133,9 @@ def execute(
         if settle(mgr, h) == "confirmed":
             return payload
         raise
+    crash_point(kind, "engine-done")
     _advance(h, tid)
+    crash_point(kind, "advanced")
     with mgr.catalog.write() as session:
         _confirm(session, session.get_one(Step, step_id))
     return payload
@@ -270,6 +293,7 @@ def remove_device(
                         )
                     )
             return False
+    crash_point(DELETE_THIN, "marked")
 
     def prepare(session: Session, pool: Pool) -> dict[str, Any]:
         return {"device": device_row, "dev_id": dev_id, "name": name}

@@ -98,8 +98,8 @@ class Manager:
             handle = self.find(pool)
             handle.spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             if recover:
-                journal.ensure_active(self, handle)
-                journal.recover(self, handle)
+                status = journal.ensure_active(self, handle)
+                journal.recover(self, handle, status)
                 journal.finish_deferred(self, handle)
             yield handle
 

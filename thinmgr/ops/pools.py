@@ -154,8 +154,21 @@ class PoolReport:
             needs_check=None if s is None else s.needs_check,
             held_metadata_root=None if s is None else s.held_metadata_root,
             active=None if s is None else s.active,
+            served=None if s is None else served_state(self.pool.engine, s.active),
         )
         return data
+
+
+def served_state(engine: str, active: bool) -> str:
+    """How the engine serves a pool, in words (``pool status``; docs/manager.md, "States").
+
+    A user-engine pool has no standing kernel object: commands open its files on demand
+    ("idle") and a server process runs only while one of its volumes is active ("serving").
+    A kernel-engine pool is a device-mapper thin-pool that is loaded or not.
+    """
+    if engine == PoolEngine.USER.value:
+        return "serving" if active else "idle"
+    return "loaded" if active else "not loaded"
 
 
 def _percent(used: int, total: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -17,7 +18,14 @@ from thinmgr.catalog.models import (
     Pool,
 )
 from thinmgr.engine.base import VolumeStatus
-from thinmgr.errors import BusyError, ConflictError, NoSpaceError, ThinmgrError, UsageError
+from thinmgr.errors import (
+    BusyError,
+    ConflictError,
+    NoSpaceError,
+    ThinmgrError,
+    UnsupportedError,
+    UsageError,
+)
 from thinmgr.format.constants import MAX_DATA_BLOCK, MAX_DEV_ID, SECTOR_SIZE
 from thinmgr.ops import journal
 from thinmgr.ops.manager import Manager, PoolHandle, get_device, get_pool
@@ -39,8 +47,9 @@ class VolumeInfo:
     # From the engine (``volume show``); None in listings, which read only the catalog.
     mapped_blocks: int | None = None
     mapped_bytes: int | None = None
-    device: str | None = None
+    device: str | None = None  # the block device node (e.g. /dev/loop3) while active
     open_count: int | None = None
+    path: str | None = None  # the stable path (e.g. /dev/thinmgr/POOL/NAME) while active
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,7 +150,18 @@ def show_volume(mgr: Manager, pool_name: str, name: str, *, engine: bool = True)
     if engine:
         status = h.engine.volume_status(h.spec, info.dev_id)
         _add_status(info, status, h.spec.data_block_sectors * SECTOR_SIZE)
+        if status.active:
+            info.path = stable_path(h, name, status.device)
     return info
+
+
+def stable_path(h: PoolHandle, name: str, device: Path | None) -> str | None:
+    """The path an active volume is known by: the engine's stable link when it has one
+    (the user engine's ``/dev/thinmgr/POOL/NAME``), else the device node."""
+    link_path = getattr(h.engine, "link_path", None)
+    if callable(link_path):
+        return str(link_path(h.spec, name))
+    return None if device is None else str(device)
 
 
 def _add_status(info: VolumeInfo, status: VolumeStatus, block_bytes: int) -> None:
@@ -180,9 +200,16 @@ def resize_volume(mgr: Manager, pool_name: str, name: str, size: int) -> VolumeI
         if size != old and h.engine.volume_status(h.spec, dev_id).active:
             try:
                 h.engine.resize_volume(h.spec, dev_id, size_bytes=size)
-            except BaseException:
+            except BaseException as exc:
                 with mgr.catalog.write() as session:
                     session.get_one(Device, device.id).virtual_size_bytes = old
+                if isinstance(exc, UnsupportedError):
+                    raise UnsupportedError(
+                        f"volume {name!r} is active and its engine cannot grow it while "
+                        f"active ({exc.message}); its size stays {format_size(old)}",
+                        hint=f"Run `thinmgr volume deactivate {pool_name} {name}`, resize, "
+                        f"then `thinmgr volume activate {pool_name} {name}`.",
+                    ) from exc
                 raise
     return show_volume(mgr, pool_name, name)
 
@@ -193,10 +220,14 @@ def activate_volume(mgr: Manager, pool_name: str, name: str) -> VolumeInfo:
             device = _usable(session, session.get_one(Pool, h.id), name)
             row, dev_id = device.id, device.thin_id
             size, read_only = device.virtual_size_bytes, device.read_only
-        h.engine.activate_volume(h.spec, dev_id, name=name, size_bytes=size, read_only=read_only)
+        path = h.engine.activate_volume(
+            h.spec, dev_id, name=name, size_bytes=size, read_only=read_only
+        )
         with mgr.catalog.write() as session:
             session.get_one(Device, row).state = DeviceState.ACTIVE
-    return show_volume(mgr, pool_name, name)
+    info = show_volume(mgr, pool_name, name)
+    info.path = str(path)  # what the engine returned: the stable path, not /dev/loopN
+    return info
 
 
 def deactivate_volume(mgr: Manager, pool_name: str, name: str, *, force: bool = False) -> None:

@@ -169,9 +169,13 @@ class UserEngine:
             self._wait_server_gone(spec)
 
     def resize_volume(self, spec: PoolSpec, dev_id: int, *, size_bytes: int) -> None:
+        # Growing a live volume needs the FUSE file's size changed under the loop device
+        # (FUSE_NOTIFY_INVAL_INODE) and then LOOP_SET_CAPACITY; the server does not do that.
         raise UnsupportedError(
-            "the user engine cannot resize an active volume",
-            hint="Deactivate the volume and activate it again with the new size.",
+            f"thin device {dev_id} of pool {spec.name} is active: the user engine cannot "
+            "grow the block device of an active volume",
+            hint="Deactivate the volume, resize it, and activate it again (an inactive "
+            "volume takes the new size at its next activation).",
         )
 
     def volume_status(self, spec: PoolSpec, dev_id: int) -> VolumeStatus:
@@ -207,6 +211,21 @@ class UserEngine:
                     conn.request("resume", dev_id=dev_id)
 
     # --- metadata --------------------------------------------------------------------------
+
+    def release_metadata_snapshot(self, spec: PoolSpec) -> None:
+        """Release a held metadata snapshot (a reader killed inside ``metadata_view``)."""
+
+        def remote(conn: client.Connection) -> None:
+            status = protocol.pool_status_from_dict(conn.request("status"))
+            if status.held_metadata_root is not None:
+                conn.request("release_metadata_snap")
+                conn.request("commit")
+
+        def local(pool: Any) -> None:
+            if pool.status().held_metadata_root is not None:
+                pool.release_metadata_snap()
+
+        self._route(spec, remote, local)
 
     @contextlib.contextmanager
     def metadata_view(self, spec: PoolSpec) -> Iterator[MetadataView]:
