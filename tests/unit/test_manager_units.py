@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,29 @@ def test_bad_names(name: str) -> None:
 
 
 def test_metadata_sizing_follows_the_kernel_rule() -> None:
-    assert metadata_size_for(1) == 2 << 20
-    # 1 TiB of 64 KiB blocks: 16 Mi blocks x 48 B x 2 = 1536 MiB
-    assert metadata_size_for(1 << 24) == 1536 << 20
+    # A tiny pool: room for 4096 thin devices (16 MiB) plus 96 bytes, rounded up to a MiB.
+    assert metadata_size_for(1) == 17 << 20
+    # 1 TiB of 64 KiB blocks: 16 Mi blocks x 48 B x 2 = 1536 MiB, plus 16 MiB for devices
+    assert metadata_size_for(1 << 24) == 1552 << 20
     assert metadata_size_for(1 << 40) == MAX_METADATA_BYTES
+
+
+def test_metadata_of_a_small_pool_holds_a_thousand_volumes(tmp_path: Path) -> None:
+    """Every thin device costs metadata blocks the per-data-block rule does not count."""
+    from thinmgr.engine.user.pool import UserPool
+
+    meta, data = tmp_path / "meta", tmp_path / "data"
+    meta.write_bytes(b"")
+    os.truncate(meta, metadata_size_for((1 << 30) // (64 << 10)))  # a 1 GiB pool
+    data.write_bytes(b"")
+    os.truncate(data, 1 << 30)
+    pool = UserPool.create(meta, data, data_block_sectors=128)
+    try:
+        for dev in range(1000):
+            pool.create_thin(dev)
+        assert pool.status().used_metadata_blocks < pool.status().total_metadata_blocks
+    finally:
+        pool.close()
 
 
 def test_block_sizes() -> None:

@@ -48,6 +48,11 @@ if TYPE_CHECKING:
 # snapshots sharing mappings (prior-art.md section 6, item 4).
 METADATA_BYTES_PER_BLOCK = 48
 METADATA_HEADROOM = 2
+# Each thin device needs at least one mapping-tree leaf of its own (4 KiB) plus its share of the
+# details and top-level trees, which the per-data-block rule does not count: room for this
+# many devices is added, as thin_metadata_size's max_thins term does (format section 10).
+# File-backed metadata is sparse, so the allowance costs nothing until it is used.
+METADATA_DEVICE_ALLOWANCE = 4096
 MIN_METADATA_BYTES = 2 << 20
 MAX_METADATA_BYTES = MAX_METADATA_BLOCKS * BLOCK_SIZE  # about 15.9 GiB (format section 6)
 DEFAULT_BLOCK_BYTES = 64 << 10
@@ -66,6 +71,7 @@ def _no_stage(_description: str) -> AbstractContextManager[object]:
 def metadata_size_for(nr_data_blocks: int) -> int:
     """Metadata bytes for a pool of ``nr_data_blocks``, by the kernel's rule with headroom."""
     wanted = nr_data_blocks * METADATA_BYTES_PER_BLOCK * METADATA_HEADROOM
+    wanted += METADATA_DEVICE_ALLOWANCE * BLOCK_SIZE
     mib = 1 << 20
     rounded = -(-wanted // mib) * mib
     return min(max(rounded, MIN_METADATA_BYTES), MAX_METADATA_BYTES)
