@@ -446,3 +446,35 @@ def test_live_snapshot_under_concurrent_writer_is_fsck_clean(env: Env) -> None:
     env.cli("volume", "deactivate", p, "v")
     assert_agree(env.home, p)
     env.cli("pool", "destroy", p, "--force")
+
+
+def test_doctor_frees_a_loop_device_leaked_by_a_killed_server(env: Env) -> None:
+    """A server killed while its volume is held open leaves the loop device bound (autoclear
+    waits for the last user): doctor reports it, --fix detaches it and clears the rest."""
+    pool = env.pool_name("lk")
+    env.cli("pool", "create", pool, "--size", "256M")
+    env.cli("volume", "create", pool, "v", "--size", "64M")
+    device = os.path.realpath(env.cli("volume", "activate", pool, "v").stdout.strip())
+    holder = os.open(device, os.O_RDONLY)  # like a mount, keeps the loop device bound
+    try:
+        for pid in env._server_pids():
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while env._server_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        report = json.loads(env.cli("--json", "doctor", check=False).stdout)
+        stale = [f["detail"] for f in report["findings"] if f["kind"] == "stale-runtime-state"]
+        assert any(d.startswith(f"leaked loop device {device} ") for d in stale), report
+        assert not report["ok"]
+        fixed = json.loads(env.cli("--json", "doctor", "--fix", check=False).stdout)
+        assert any(f["kind"] == "stale-runtime-state" and f["fixed"] for f in fixed["findings"])
+    finally:
+        os.close(holder)
+    deadline = time.monotonic() + 10
+    while any(device in line for line in run("losetup", "-a").stdout.splitlines()):
+        assert time.monotonic() < deadline, f"{device} still bound after doctor --fix"
+        time.sleep(0.05)
+    env.cli("volume", "deactivate", pool, "v", check=False)
+    env.cli("doctor", "--fix", check=False)
+    assert json.loads(env.cli("--json", "doctor").stdout)["ok"]
+    env.cli("pool", "destroy", pool, "--force")

@@ -316,3 +316,16 @@ __all__ = [
     "status",
     "wait_unbound",
 ]
+
+
+def bound_devices() -> list[tuple[str, str]]:
+    """(device, backing file) of every bound loop device, from sysfs (full paths, unlike
+    LOOP_GET_STATUS64's 63-byte name)."""
+    found = []
+    for entry in sorted(Path("/sys/block").glob("loop*")):
+        try:
+            backing = (entry / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue  # not bound
+        found.append((f"/dev/{entry.name}", backing))
+    return found

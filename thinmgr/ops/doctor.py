@@ -96,6 +96,7 @@ def _check_pool(mgr: Manager, h: PoolHandle, *, fix: bool, adopt: bool) -> list[
     elif pending is not None:
         finding = Finding(h.name, "pending-step", f"a step to transaction {pending} is unfinished")
         out.append(_attempt(finding, fix, lambda: journal.settle(mgr, h)))
+    out.extend(_stale_state(h, fix=fix))
     if fix:
         try:
             journal.ensure_active(mgr, h)
@@ -103,6 +104,17 @@ def _check_pool(mgr: Manager, h: PoolHandle, *, fix: bool, adopt: bool) -> list[
             out.append(Finding(h.name, "pool-inactive", f"cannot serve the pool: {exc}", False))
             return out
     return out + _compare(mgr, h, status.held_metadata_root, fix=fix)
+
+
+def _stale_state(h: PoolHandle, *, fix: bool) -> list[Finding]:
+    """Run-time leftovers of a killed server: leaked loop devices, dead FUSE mounts, links."""
+    find = getattr(h.engine, "find_stale", None)  # engines without run-time state have none
+    if find is None:
+        return []
+    return [
+        Finding(h.name, "stale-runtime-state", what, fixable=True, fixed=fix)
+        for what in find(h.spec, fix=fix)
+    ]
 
 
 def _adopt(mgr: Manager, h: PoolHandle, tid: int) -> None:

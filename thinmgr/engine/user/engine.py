@@ -251,21 +251,43 @@ class UserEngine:
     # --- crash leftovers -------------------------------------------------------------------
 
     def cleanup_stale(self, spec: PoolSpec) -> list[str]:
-        """Remove what a killed server left: dead FUSE mounts, stale socket, pid, links.
+        """Remove what a killed server left: dead FUSE mounts, loop devices over them,
+        stale socket, pid, links.
 
         Does nothing (returns []) while a live server owns the pool. Returns what it did.
         """
+        return self.find_stale(spec, fix=True)
+
+    def find_stale(self, spec: PoolSpec, *, fix: bool) -> list[str]:
+        """What a killed server left behind; with ``fix``, remove it (``doctor``)."""
         lock = PoolLock(spec.run_dir)
         if not lock.try_acquire():
             return []  # a live server (or another command) owns the pool
         try:
-            return self._cleanup_locked(spec)
+            return self._cleanup_locked(spec, fix=fix)
         finally:
             lock.release()
 
-    def _cleanup_locked(self, spec: PoolSpec) -> list[str]:
+    def _cleanup_locked(self, spec: PoolSpec, *, fix: bool = True) -> list[str]:
         done: list[str] = []
         volume_root = os.path.realpath(spec.run_dir / VOLUME_DIR) + os.sep
+        # Loop devices are bound with autoclear, so one survives its server only while
+        # something (a mount) still holds it: detaching marks it to go with its last user.
+        for device, backing in loop.bound_devices():
+            if backing.startswith(volume_root):
+                done.append(f"leaked loop device {device} over {backing} (its server is gone)")
+                if fix:
+                    with contextlib.suppress(ThinmgrError):
+                        fd = loop.open_device(device)
+                        try:
+                            loop.detach(fd, device)
+                        finally:
+                            os.close(fd)
+        if not fix:
+            for point, fstype in mount_points():
+                if point.startswith(volume_root) and fstype.startswith("fuse"):
+                    done.append(f"dead FUSE mount {point}")
+            return done
         for point, fstype in mount_points():
             if point.startswith(volume_root) and fstype.startswith("fuse"):
                 with contextlib.suppress(ThinmgrError):
