@@ -21,3 +21,13 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+BLKFLSBUF = 0x1261  # linux/fs.h _IO(0x12, 97): write back and drop a block device's cache
+
+
+def drop_block_cache(fd: int) -> None:
+    """BLKFLSBUF on a block device; raises OSError (the caller knows the device's name)."""
+    import fcntl
+
+    fcntl.ioctl(fd, BLKFLSBUF, 0)

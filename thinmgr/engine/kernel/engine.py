@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import mmap
 import os
 import stat
@@ -66,8 +65,7 @@ from thinmgr.kernel.dm import (
     Target,
 )
 from thinmgr.kernel.errno_map import kernel_error
-
-BLKFLSBUF = 0x1261  # linux/fs.h _IO(0x12, 97): write back and drop a block device's cache
+from thinmgr.kernel.files import drop_block_cache
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ class _PreadBlocks:
             st = os.fstat(self._fd)
             if stat.S_ISBLK(st.st_mode):
                 with contextlib.suppress(OSError):
-                    fcntl.ioctl(self._fd, BLKFLSBUF, 0)
+                    drop_block_cache(self._fd)
                 size = os.lseek(self._fd, 0, os.SEEK_END)
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
             else:
