@@ -18,6 +18,7 @@ import pytest
 from tests.support import fake_engine
 from thinmgr.cli.app import run
 from thinmgr.errors import ExitCode
+from thinmgr.ops.pools import metadata_size_for
 
 Cli = Callable[..., tuple[int, str, str]]
 
@@ -57,8 +58,10 @@ def test_pool_lifecycle(cli: Cli, home: Path) -> None:
     assert info["name"] == "p" and info["block_size"] == 128 << 10 and info["file_backed"]
     data = home / "pools" / "p" / "data"
     assert data.stat().st_size == 1 << 30 and data.stat().st_blocks == 0  # sparse
-    # metadata by the kernel's rule: 48 B per block x2 headroom, 2 MiB minimum
-    assert (home / "pools" / "p" / "metadata").stat().st_size == 2 << 20
+    # metadata by the kernel's rule (48 B per block x2 headroom) plus room for 4096 devices
+    assert (home / "pools" / "p" / "metadata").stat().st_size == metadata_size_for(
+        (1 << 30) // (128 << 10)
+    )
     assert [p["name"] for p in js(cli, "pool", "list")] == ["p"]
     status = js(cli, "pool", "status", "p")
     assert status["total_data_blocks"] == 8192 and status["data_used_percent"] == 0.0

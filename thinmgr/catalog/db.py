@@ -25,6 +25,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
+from thinmgr.catalog.fastread import BUSY_TIMEOUT_MS as BUSY_TIMEOUT_MS  # noqa: PLC0414
+from thinmgr.catalog.fastread import CATALOG_FILE as CATALOG_FILE  # noqa: PLC0414
+from thinmgr.catalog.fastread import SCHEMA_HEAD as SCHEMA_HEAD  # noqa: PLC0414
 from thinmgr.errors import (
     BusyError,
     IOFailure,
@@ -34,12 +37,10 @@ from thinmgr.errors import (
     UnsupportedError,
 )
 
-CATALOG_FILE = "catalog.db"
+# CATALOG_FILE, BUSY_TIMEOUT_MS and SCHEMA_HEAD (the head of migrations/versions, kept out of
+# Alembic so that the usual open needs none) live in ``fastread``, which imports no SQLAlchemy,
+# so that the listings' fast path shares them; re-exported here.
 DEFAULT_HOME = Path("/var/lib/thinmgr")
-BUSY_TIMEOUT_MS = 5000
-# The newest schema revision this thinmgr knows (the head of migrations/versions). Kept here
-# so that the usual open needs no Alembic; a test checks it against the migration scripts.
-SCHEMA_HEAD = "0001"
 # Execution option that makes a transaction start with BEGIN IMMEDIATE (see _begin).
 WRITE_OPTION = "thinmgr_write"
 

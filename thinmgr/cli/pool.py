@@ -13,7 +13,7 @@ from thinmgr.cli.output import emit_json, settings, table, write_chunks
 from thinmgr.errors import ExitCode
 
 if TYPE_CHECKING:
-    from thinmgr.ops.pools import PoolReport
+    from thinmgr.ops.listings import PoolReport
 
 app = typer.Typer(help="Create and manage thin pools.", no_args_is_help=True)
 
@@ -95,11 +95,9 @@ def create(
 @app.command("list")
 def list_(ctx: typer.Context) -> None:
     """List pools (from the catalog; takes no lock)."""
-    from thinmgr.ops.manager import open_manager
-    from thinmgr.ops.pools import list_pools
+    from thinmgr.ops.listings import list_pools
 
-    with open_manager(settings(ctx).home) as mgr:
-        pools = list_pools(mgr)
+    pools = list_pools(settings(ctx).home)
     if settings(ctx).json:
         emit_json([p.as_dict() for p in pools])
         return
@@ -126,11 +124,9 @@ def list_(ctx: typer.Context) -> None:
 @app.command("status")
 def status(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Pool name.")]) -> None:
     """Use of data and metadata space, transaction id, state and warnings."""
-    from thinmgr.ops.manager import open_manager
-    from thinmgr.ops.pools import pool_status
+    from thinmgr.ops.listings import pool_status
 
-    with open_manager(settings(ctx).home) as mgr:
-        report = pool_status(mgr, name)
+    report = pool_status(settings(ctx).home, name)
     _show_report(ctx, report)
 
 
@@ -142,7 +138,7 @@ _SERVED_NOTES = {
 
 def _state_text(d: dict[str, Any]) -> str:
     """E.g. "active, idle (no volume active; opened on demand)": the catalog's state, then
-    how the engine serves the pool (``ops.pools.served_state``)."""
+    how the engine serves the pool (``ops.listings.served_state``)."""
     served = d.get("served")
     if served is None:
         return str(d["state"])

@@ -10,7 +10,7 @@ from thinmgr.cli.manager_output import fields, listing, say, size, warn
 from thinmgr.cli.output import emit_json, settings
 
 if TYPE_CHECKING:
-    from thinmgr.ops.volumes import VolumeInfo
+    from thinmgr.ops.listings import VolumeInfo
 
 app = typer.Typer(help="Create and manage thin volumes.", no_args_is_help=True)
 
@@ -67,11 +67,9 @@ def list_(
     ctx: typer.Context, pool: Annotated[str | None, typer.Argument(help="Only this pool.")] = None
 ) -> None:
     """List volumes (from the catalog; takes no lock)."""
-    from thinmgr.ops.manager import open_manager
-    from thinmgr.ops.volumes import list_volumes
+    from thinmgr.ops.listings import list_volumes
 
-    with open_manager(settings(ctx).home) as mgr:
-        volumes = list_volumes(mgr, pool)
+    volumes = list_volumes(settings(ctx).home, pool)
     if settings(ctx).json:
         emit_json([v.as_dict() for v in volumes])
         return

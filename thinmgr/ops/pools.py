@@ -6,12 +6,13 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
+from thinmgr.catalog.fastread import PoolRow, row_of
 from thinmgr.catalog.models import (
     Container,
     Device,
@@ -33,8 +34,16 @@ from thinmgr.format.constants import (
     MIN_DATA_BLOCK_SECTORS,
     SECTOR_SIZE,
 )
+from thinmgr.ops import listings
 from thinmgr.ops.blockdevs import check_free, inspect_device
 from thinmgr.ops.engines import resolve_engine_name
+from thinmgr.ops.listings import DATA_WARN_PERCENT as DATA_WARN_PERCENT  # noqa: PLC0414
+from thinmgr.ops.listings import METADATA_WARN_PERCENT as METADATA_WARN_PERCENT  # noqa: PLC0414
+from thinmgr.ops.listings import POOL_MARKER as POOL_MARKER  # noqa: PLC0414
+from thinmgr.ops.listings import PoolInfo as PoolInfo  # noqa: PLC0414
+from thinmgr.ops.listings import PoolReport as PoolReport  # noqa: PLC0414
+from thinmgr.ops.listings import served_state as served_state  # noqa: PLC0414
+from thinmgr.ops.listings import warnings_of
 from thinmgr.ops.manager import Manager, PoolHandle, get_pool
 from thinmgr.ops.naming import check_name
 from thinmgr.ops.units import format_size
@@ -56,10 +65,6 @@ METADATA_DEVICE_ALLOWANCE = 4096
 MIN_METADATA_BYTES = 2 << 20
 MAX_METADATA_BYTES = MAX_METADATA_BLOCKS * BLOCK_SIZE  # about 15.9 GiB (format section 6)
 DEFAULT_BLOCK_BYTES = 64 << 10
-# Warnings past these fill levels, as LVM's thin_pool_autoextend_threshold defaults suggest.
-DATA_WARN_PERCENT = 80.0
-METADATA_WARN_PERCENT = 75.0
-POOL_MARKER = "thinmgr-pool"  # in a file-backed pool's directory: thinmgr made it
 
 Stage = Callable[[str], AbstractContextManager[object]]
 
@@ -104,98 +109,8 @@ class CreatePool:
     force: bool = False
 
 
-@dataclass
-class PoolInfo:
-    name: str
-    engine: str
-    state: str
-    data_path: str
-    metadata_path: str
-    file_backed: bool
-    block_size: int
-    low_water_mark: int
-    no_space: str
-    transaction_id: int
-    volumes: int
-    next_device_id: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class PoolReport:
-    """``pool status``: the catalog's view and the engine's, with warnings."""
-
-    pool: PoolInfo
-    status: PoolStatus | None
-    active_volumes: int = 0
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def data_percent(self) -> float | None:
-        s = self.status
-        return None if s is None else _percent(s.used_data_blocks, s.total_data_blocks)
-
-    @property
-    def metadata_percent(self) -> float | None:
-        s = self.status
-        return None if s is None else _percent(s.used_metadata_blocks, s.total_metadata_blocks)
-
-    def as_dict(self) -> dict[str, Any]:
-        data = self.pool.as_dict()
-        s = self.status
-        data.update(
-            active_volumes=self.active_volumes,
-            warnings=list(self.warnings),
-            data_used_percent=self.data_percent,
-            metadata_used_percent=self.metadata_percent,
-            data_size=None if s is None else s.total_data_blocks * self.pool.block_size,
-            used_data_blocks=None if s is None else s.used_data_blocks,
-            total_data_blocks=None if s is None else s.total_data_blocks,
-            used_metadata_blocks=None if s is None else s.used_metadata_blocks,
-            total_metadata_blocks=None if s is None else s.total_metadata_blocks,
-            pool_transaction_id=None if s is None else s.transaction_id,
-            mode=None if s is None else s.mode.value,
-            needs_check=None if s is None else s.needs_check,
-            held_metadata_root=None if s is None else s.held_metadata_root,
-            active=None if s is None else s.active,
-            served=None if s is None else served_state(self.pool.engine, s.active),
-        )
-        return data
-
-
-def served_state(engine: str, active: bool) -> str:
-    """How the engine serves a pool, in words (``pool status``; docs/manager.md, "States").
-
-    A user-engine pool has no standing kernel object: commands open its files on demand
-    ("idle") and a server process runs only while one of its volumes is active ("serving").
-    A kernel-engine pool is a device-mapper thin-pool that is loaded or not.
-    """
-    if engine == PoolEngine.USER.value:
-        return "serving" if active else "idle"
-    return "loaded" if active else "not loaded"
-
-
-def _percent(used: int, total: int) -> float:
-    return round(100.0 * used / total, 2) if total else 0.0
-
-
 def pool_info(pool: Pool, volumes: int) -> PoolInfo:
-    return PoolInfo(
-        name=pool.name,
-        engine=pool.engine.value,
-        state=pool.state.value,
-        data_path=pool.data_path,
-        metadata_path=pool.metadata_path,
-        file_backed=(Path(pool.data_path).parent / POOL_MARKER).exists(),
-        block_size=pool.data_block_sectors * SECTOR_SIZE,
-        low_water_mark=pool.low_water_blocks,
-        no_space=pool.no_space_policy.value,
-        transaction_id=pool.transaction_id,
-        volumes=volumes,
-        next_device_id=pool.next_device_id,
-    )
+    return listings.pool_info(row_of(PoolRow, pool), volumes)
 
 
 # --- create --------------------------------------------------------------------------------
@@ -402,41 +317,8 @@ def pool_status(mgr: Manager, name: str) -> PoolReport:
     except ThinmgrError as exc:
         report.warnings.append(f"the engine cannot report on the pool: {exc}")
         return report
-    report.warnings.extend(_warnings(report, pending, states.count(DeviceState.DELETING)))
+    report.warnings.extend(warnings_of(report, pending, states.count(DeviceState.DELETING)))
     return report
-
-
-def _warnings(report: PoolReport, pending: int | None, deleting: int) -> list[str]:
-    s = report.status
-    assert s is not None
-    out = []
-    data, meta = report.data_percent or 0.0, report.metadata_percent or 0.0
-    if data >= DATA_WARN_PERCENT:
-        out.append(
-            f"data space is {data:.1f}% used (warning at {DATA_WARN_PERCENT:g}%): "
-            "extend the pool (`thinmgr pool extend`) or remove volumes"
-        )
-    if meta >= METADATA_WARN_PERCENT:
-        out.append(f"metadata space is {meta:.1f}% used (warning at {METADATA_WARN_PERCENT:g}%)")
-    if s.mode.value != "rw":
-        out.append(f"the pool is in mode {s.mode.value!r}")
-    if s.needs_check:
-        out.append("the metadata is flagged NEEDS_CHECK: run `thinmgr pool check`")
-    if s.held_metadata_root is not None:
-        out.append(
-            f"a metadata snapshot is held (block {s.held_metadata_root}); `thinmgr doctor "
-            "--fix` releases one left behind"
-        )
-    if s.transaction_id not in (report.pool.transaction_id, pending):
-        out.append(
-            f"the pool's transaction id is {s.transaction_id}, the catalog expects "
-            f"{report.pool.transaction_id}: another tool changed the pool (`thinmgr doctor`)"
-        )
-    elif pending is not None:
-        out.append("a step is unfinished; the next command or `thinmgr doctor --fix` settles it")
-    if deleting:
-        out.append(f"{deleting} removal(s) deferred while busy; `thinmgr doctor --fix` retries")
-    return out
 
 
 # --- changes ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from thinmgr.catalog.fastread import DeviceRow, row_of
 from thinmgr.catalog.models import (
     Container,
     Device,
@@ -27,46 +28,15 @@ from thinmgr.errors import (
     UsageError,
 )
 from thinmgr.format.constants import MAX_DATA_BLOCK, MAX_DEV_ID, SECTOR_SIZE
-from thinmgr.ops import journal
+from thinmgr.ops import journal, listings
+from thinmgr.ops.listings import VolumeInfo as VolumeInfo  # noqa: PLC0414
 from thinmgr.ops.manager import Manager, PoolHandle, get_device, get_pool
 from thinmgr.ops.naming import check_name
 from thinmgr.ops.units import format_size
 
 
-@dataclass
-class VolumeInfo:
-    pool: str
-    name: str
-    dev_id: int
-    kind: str
-    origin: str | None
-    size: int
-    read_only: bool
-    state: str
-    created_at: str
-    # From the engine (``volume show``); None in listings, which read only the catalog.
-    mapped_blocks: int | None = None
-    mapped_bytes: int | None = None
-    device: str | None = None  # the block device node (e.g. /dev/loop3) while active
-    open_count: int | None = None
-    path: str | None = None  # the stable path (e.g. /dev/thinmgr/POOL/NAME) while active
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def volume_info(pool: Pool, device: Device, origin: str | None) -> VolumeInfo:
-    return VolumeInfo(
-        pool=pool.name,
-        name=device.name,
-        dev_id=device.thin_id,
-        kind=device.kind.value,
-        origin=origin,
-        size=device.virtual_size_bytes,
-        read_only=device.read_only,
-        state=device.state.value,
-        created_at=device.created_at.isoformat(timespec="seconds"),
-    )
+    return listings.volume_info(pool.name, row_of(DeviceRow, device), origin)
 
 
 def round_volume_size(size: int, block_bytes: int) -> int:
