@@ -269,7 +269,30 @@ def sync_overflow_tree(tm: TransactionManager, counts: SpaceMapCounts, root: int
     return root
 
 
-class DataSpaceMap:
+class CountedSpaceMap:
+    """What both space maps answer from their in-memory counts (``dm_space_map`` ops)."""
+
+    counts: SpaceMapCounts
+
+    @property
+    def nr_blocks(self) -> int:
+        return self.counts.nr_blocks
+
+    @property
+    def nr_free(self) -> int:
+        return self.counts.nr_blocks - self.counts.nr_allocated
+
+    def count(self, blocknr: int) -> int:
+        return self.counts.count(blocknr)
+
+    def inc(self, blocknr: int) -> None:
+        self.counts.inc(blocknr)
+
+    def dec(self, blocknr: int) -> None:
+        self.counts.dec(blocknr)
+
+
+class DataSpaceMap(CountedSpaceMap):
     """The data space map: index entries in a btree (section 6.5), ``dm-space-map-disk.c``."""
 
     def __init__(self, counts: SpaceMapCounts, index_root: int, ref_count_root: int) -> None:
@@ -294,23 +317,6 @@ class DataSpaceMap:
         changed = {i for i, e in enumerate(counts.entries) if e.frozen() != index[i]}
         smap._index_dirty = changed
         return smap
-
-    @property
-    def nr_blocks(self) -> int:
-        return self.counts.nr_blocks
-
-    @property
-    def nr_free(self) -> int:
-        return self.counts.nr_blocks - self.counts.nr_allocated
-
-    def count(self, blocknr: int) -> int:
-        return self.counts.count(blocknr)
-
-    def inc(self, blocknr: int) -> None:
-        self.counts.inc(blocknr)
-
-    def dec(self, blocknr: int) -> None:
-        self.counts.dec(blocknr)
 
     def new_block(self) -> int:
         """``sm_disk_new_block``: free in both the committed and the current map, searching

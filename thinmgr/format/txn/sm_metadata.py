@@ -22,13 +22,18 @@ from thinmgr.format.blocks import BlockSource
 from thinmgr.format.constants import ENTRIES_PER_BITMAP, MAX_METADATA_BLOCKS
 from thinmgr.format.spacemap import encode_metadata_index, metadata_index, nr_bitmaps
 from thinmgr.format.superblock import SpaceMapRoot
-from thinmgr.format.txn.sm_disk import MutableIndexEntry, SpaceMapCounts, sync_overflow_tree
+from thinmgr.format.txn.sm_disk import (
+    CountedSpaceMap,
+    MutableIndexEntry,
+    SpaceMapCounts,
+    sync_overflow_tree,
+)
 
 if TYPE_CHECKING:
     from thinmgr.format.txn.tm import TransactionManager
 
 
-class MetadataSpaceMap:
+class MetadataSpaceMap(CountedSpaceMap):
     """Counts of metadata blocks; allocation only from blocks free at the last commit."""
 
     def __init__(self, counts: SpaceMapCounts, index_block: int, ref_count_root: int) -> None:
@@ -61,23 +66,6 @@ class MetadataSpaceMap:
         for blocknr in range(smap.begin):  # sm_ll_inc(&smm->ll, superblock, smm->begin)
             counts.inc(blocknr)
         return smap
-
-    @property
-    def nr_blocks(self) -> int:
-        return self.counts.nr_blocks
-
-    @property
-    def nr_free(self) -> int:
-        return self.counts.nr_blocks - self.counts.nr_allocated
-
-    def count(self, blocknr: int) -> int:
-        return self.counts.count(blocknr)
-
-    def inc(self, blocknr: int) -> None:
-        self.counts.inc(blocknr)
-
-    def dec(self, blocknr: int) -> None:
-        self.counts.dec(blocknr)
 
     def new_block(self) -> int:
         """``sm_metadata_new_block_``: free now and at the last commit, from the cursor,
