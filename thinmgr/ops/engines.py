@@ -1,8 +1,9 @@
 """Which engine serves a pool: ``auto``, ``user`` or ``kernel``, and how to get one.
 
 ``auto`` picks the kernel engine when the kernel has dm-thin -- ``/dev/mapper/control``
-exists and the ``thin-pool`` target is loaded, built in or loadable as a module -- else the
-user engine (ARCHITECTURE.md, "Two engines, one interface").
+exists and the ``thin-pool`` target is loaded, built in or loadable as a module, and
+device-mapper answers for it (``KernelEngine.available()``) -- else the user engine
+(ARCHITECTURE.md, "Two engines, one interface").
 
 Tests inject an engine with ``THINMGR_ENGINE_FACTORY=module:callable``: the callable gets the
 engine name ("user" or "kernel") and returns an ``Engine``. It is meant for the test suites
@@ -50,8 +51,17 @@ def resolve_engine_name(requested: str) -> str:
     if requested not in ENGINE_CHOICES:
         raise UsageError(f"unknown engine {requested!r}; choose one of {', '.join(ENGINE_CHOICES)}")
     if requested == "auto":
-        return "kernel" if kernel_has_dm_thin() else "user"
+        # The file check is cheap and rules out most hosts; the ioctl check confirms.
+        return "kernel" if kernel_has_dm_thin() and kernel_availability()[0] else "user"
     return requested
+
+
+def kernel_availability() -> tuple[bool, str]:
+    """Whether the kernel engine can run here, and why (not): ``KernelEngine.available()``."""
+    from thinmgr.engine.kernel.engine import KernelEngine
+
+    verdict = KernelEngine.available()
+    return verdict.ok, verdict.reason
 
 
 def load_engine(name: str, environ: Mapping[str, str] = os.environ) -> Engine:
@@ -60,10 +70,7 @@ def load_engine(name: str, environ: Mapping[str, str] = os.environ) -> Engine:
     if factory_spec:
         return _factory(factory_spec)(name)
     if name == "kernel":
-        raise UnsupportedError(
-            "the kernel engine is not available in this version of thinmgr",
-            hint="Use `--engine user` (or `auto`, which picks user until the kernel engine ships).",
-        )
+        return _kernel_engine()
     if name != "user":
         raise UsageError(f"unknown engine {name!r}")
     try:
@@ -76,6 +83,18 @@ def load_engine(name: str, environ: Mapping[str, str] = os.environ) -> Engine:
             hint="Install a complete thinmgr.",
         ) from exc
     return cast("Engine", module.UserEngine())
+
+
+def _kernel_engine() -> Engine:
+    from thinmgr.engine.kernel.engine import KernelEngine
+
+    verdict = KernelEngine.available()
+    if not verdict:
+        raise UnsupportedError(
+            f"the kernel engine is not available here: {verdict.reason}",
+            hint="Use `--engine user` (or `auto`, which picks the user engine on this host).",
+        )
+    return cast("Engine", KernelEngine())
 
 
 def _factory(spec: str) -> Callable[[str], Engine]:

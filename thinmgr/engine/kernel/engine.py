@@ -692,3 +692,20 @@ class KernelEngine:
 
     def metadata_view(self, spec: PoolSpec) -> AbstractContextManager[MetadataView]:
         return self._view(spec)
+
+    def release_metadata_snapshot(self, spec: PoolSpec) -> None:
+        """Release a metadata snapshot left held (`doctor --fix`); a no-op when none is.
+
+        The held root lives in the superblock, so it outlasts a deactivation: an inactive pool
+        that holds one is activated just long enough to send ``release_metadata_snap``."""
+        if self._pool_info(spec) is not None:
+            if self.pool_status(spec).held_metadata_root is not None:
+                self._message(spec, "release_metadata_snap")
+            return
+        if not self._read_superblock_source(spec).superblock.held_root:
+            return
+        self.activate_pool(spec)
+        try:
+            self._message(spec, "release_metadata_snap")
+        finally:
+            self.deactivate_pool(spec)
