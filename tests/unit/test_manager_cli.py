@@ -218,7 +218,7 @@ def test_bad_input_creates_nothing(cli: Cli, home: Path, tmp_path: Path) -> None
     assert js(cli, "volume", "list") == [] and js(cli, "pool", "status", "p")["next_device_id"] == 0
 
 
-def test_kernel_engine_is_unsupported(
+def test_kernel_engine_refused_without_device_mapper(
     cli: Cli, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("THINMGR_ENGINE_FACTORY")
