@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from thinmgr import __version__
-from thinmgr.cli import doctor, lab, metadata, pool, snapshot, volume
+from thinmgr.cli import diff, doctor, lab, layer, metadata, pool, snapshot, volume
 from thinmgr.cli.output import Settings
 from thinmgr.cli.snapopt import split_snap_args
 from thinmgr.errors import ExitCode, InternalError, IOFailure, ThinmgrError
@@ -38,6 +38,8 @@ app.add_typer(volume.app, name="volume")
 app.command("snapshot")(snapshot.snapshot)
 app.command("doctor")(doctor.doctor)
 app.add_typer(lab.app, name="lab")
+app.command("diff")(diff.diff)
+app.add_typer(layer.app, name="layer")
 
 
 def _version(value: bool) -> None:

@@ -31,3 +31,25 @@ def atomic_text_writer(target: Path) -> Iterator[IO[str]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_binary_writer(target: Path) -> Iterator[IO[bytes]]:
+    """Like ``atomic_text_writer``, for bytes: the target appears whole or not at all."""
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
+    except PermissionError as exc:
+        raise PermissionDenied(f"{target}: cannot write in {directory}") from exc
+    except OSError as exc:
+        raise IOFailure(f"{target}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,1 @@
+"""Block diffs and layer-diff files (and, later, image layers)."""
