@@ -507,3 +507,52 @@ def test_oracle_disagrees_nowhere_on_subprocess_cli(restore_xml: RestoreFn) -> N
         check=True,
     )
     assert result.stdout == thin_delta(path, 1, 4, "--verbose")
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def _reseal(image: bytearray, blocknr: int) -> None:
+    block = bytearray(image[blocknr * BLOCK_SIZE : (blocknr + 1) * BLOCK_SIZE])
+    seal(block, BTREE_CSUM_XOR)
+    image[blocknr * BLOCK_SIZE : (blocknr + 1) * BLOCK_SIZE] = block
+
+
+def test_changed_only_fast_paths_agree_with_full_walk(
+    restore_xml: RestoreFn, tmp_path: Path
+) -> None:
+    """--changed-only compares a node and its copy (same keys) in bulk; the full walk goes
+    node by node. Both must find the same changed runs and the same shared subtrees."""
+    path, _, _ = shared_pool(restore_xml, tmp_path, 70000, 40, seed=3)
+    md = ThinMetadata(MemoryBlocks(path.read_bytes()))
+    for verbose in (False, True):
+        full = compute_delta(md, 1, 4, verbose=verbose)
+        changed = compute_delta(md, 1, 4, verbose=verbose, changed_only=True)
+        assert changed.stats.shared_subtrees == full.stats.shared_subtrees
+        keep = full.runs.kind != DeltaKind.SAME
+        for name in ("kind", "begin", "length", "left_data", "right_data"):
+            assert np.array_equal(getattr(changed.runs, name), getattr(full.runs, name)[keep])
+        assert len(changed.runs) > 0
+
+
+@pytest.mark.parametrize("side", [1, 4])
+def test_changed_only_checks_key_order_of_changed_leaves(
+    side: int, restore_xml: RestoreFn, tmp_path: Path
+) -> None:
+    """A changed leaf whose keys are out of order (checksum resealed) is reported by block,
+    whichever side it is on: the bulk comparison does not skip the check."""
+    path, _, _ = shared_pool(restore_xml, tmp_path, 30000, 3, seed=8)
+    image = bytearray(path.read_bytes())
+    shared = set(_leaf_blocks(path, 1)) & set(_leaf_blocks(path, 4))
+    victim = next(b for b in _leaf_blocks(path, side) if b not in shared)
+    node = read_node(MemoryBlocks(image), victim, MAPPING_VALUE_SIZE, "t")
+    first, second = node.key_list()[:2]
+    keys_at = victim * BLOCK_SIZE + 32  # the keys follow the 32-byte node header
+    struct.pack_into("<QQ", image, keys_at, second, first)
+    _reseal(image, victim)
+    from thinmgr.errors import CorruptMetadataError
+
+    with pytest.raises(CorruptMetadataError) as info:
+        compute_delta(ThinMetadata(MemoryBlocks(bytes(image))), 1, 4, changed_only=True)
+    assert info.value.block == victim
+    assert "strictly increasing" in str(info.value)

@@ -31,7 +31,7 @@ import numpy.typing as npt
 from thinmgr.errors import CorruptMetadataError, NotFoundError
 from thinmgr.format.blocks import BlockSource
 from thinmgr.format.btree import Node, TreeWalk, lookup, read_node
-from thinmgr.format.constants import MAPPING_VALUE_SIZE, MAX_BTREE_DEPTH
+from thinmgr.format.constants import MAPPING_VALUE_SIZE, MAX_BTREE_DEPTH, NODE_HEADER_SIZE
 from thinmgr.format.metadata import ThinMetadata
 
 U64 = npt.NDArray[np.uint64]
@@ -149,14 +149,10 @@ def device_root(md: ThinMetadata, dev: int) -> int:
 
 # --------------------------------------------------------------------------- the joint walk
 
-
-@dataclass
-class _Pending:
-    """A subtree not yet expanded: its block, the lower bound of its keys, its depth."""
-
-    blocknr: int
-    low_key: int
-    depth: int
+# A subtree not yet expanded: its block, the lower bound of its keys (its parent's key), its
+# depth, and whether the key order check restarts before it (a shared subtree that was
+# skipped lies just before it). Plain tuples: the walk makes one per child pointer.
+_Pending = tuple[int, int, int, bool]
 
 
 class _Side:
@@ -165,34 +161,57 @@ class _Side:
     def __init__(self, walk: _JointWalk, dev: int, root: int) -> None:
         self.walk = walk
         self.structure = f"mapping tree of device {dev}"
-        self.stack = [_Pending(root, 0, 0)]  # the head is the last element
+        self.stack: list[_Pending] = [(root, 0, 0, False)]  # the head is the last element
         self.keys: list[U64] = []
         self.values: list[U64] = []
         self.seen: set[int] = set()
         self.leaf_depth: int | None = None
         self.last_key: int | None = None
 
-    @property
-    def head(self) -> _Pending:
-        return self.stack[-1]
-
     def head_node(self) -> Node:
-        return self.walk.node(self.head.blocknr, self.structure)
+        return self.walk.node(self.stack[-1][0], self.structure)
+
+    def pop_head(self) -> _Pending:
+        """Take the head off the frontier (its node is then checked by the caller)."""
+        pending = self.stack.pop()
+        if pending[3]:
+            self.skip_shared()
+        return pending
 
     def advance(self) -> None:
         """Expand the head if it is an internal node, or take its mappings if a leaf."""
-        pending = self.stack.pop()
-        node = self.walk.node(pending.blocknr, self.structure)
-        self._check(node, pending)
+        pending = self.pop_head()
+        node = self.walk.node(pending[0], self.structure)
+        self.check(node, pending)
         if node.is_leaf:
-            self._note_leaf_depth(pending.depth, node.blocknr)
+            self._note_leaf_depth(pending[2], node.blocknr)
             self._take(node.keys, node.values_u64(), node.blocknr)
             return
-        children = [
-            _Pending(child, key, pending.depth + 1)
-            for key, child in zip(node.key_list(), node.child_list(), strict=True)
-        ]
-        self.stack.extend(reversed(children))
+        depth = pending[2] + 1
+        self.stack.extend(
+            [
+                (child, key, depth, False)
+                for key, child in zip(
+                    reversed(node.key_list()), reversed(node.child_list()), strict=True
+                )
+            ]
+        )
+
+    def note_leaf(self, node: Node, depth: int) -> None:
+        """The checks of a leaf about to be taken: its depth, and its keys following the
+        previous leaf's (the mappings are then taken, or compared in place)."""
+        self._note_leaf_depth(depth, node.blocknr)
+        if not node.nr_entries:
+            return
+        keys = node.keys
+        if self.last_key is not None and int(keys[0]) <= self.last_key:
+            raise CorruptMetadataError(
+                f"first key {int(keys[0])} does not follow the previous leaf's last key "
+                f"{self.last_key}",
+                block=node.blocknr,
+                structure=self.structure,
+            )
+        self.last_key = int(keys[-1])
 
     def take_shared(
         self, keys: U64, values: U64, depth: int, leaf_depth: int | None, blocknr: int
@@ -205,6 +224,15 @@ class _Side:
         # Nothing is known about the skipped keys but that they are the same on both sides,
         # so the order check restarts after them.
         self.last_key = None
+
+    def skip_shared_after(self) -> None:
+        """Restart the order check before the next subtree on the frontier (a shared subtree
+        that is skipped without being put on the frontier comes before it)."""
+        if self.stack:
+            blocknr, low_key, depth, _ = self.stack[-1]
+            self.stack[-1] = (blocknr, low_key, depth, True)
+        else:
+            self.skip_shared()
 
     def _take(self, keys: U64, values: U64, blocknr: int) -> None:
         if not len(keys):
@@ -229,22 +257,25 @@ class _Side:
         self.values.clear()
         return keys, values
 
-    def _check(self, node: Node, pending: _Pending) -> None:
-        # The checks of TreeWalk (format section 3.5), applied node by node.
-        if pending.depth > MAX_BTREE_DEPTH:
+    def check(self, node: Node, pending: _Pending, *, keys_checked: bool = False) -> None:
+        """The checks of TreeWalk (format section 3.5), applied node by node.
+
+        ``keys_checked``: the key order was checked on a node with byte-identical keys.
+        """
+        depth = pending[2]
+        if depth > MAX_BTREE_DEPTH:
             self._fault("btree deeper than any valid tree (cycle between nodes?)", node)
         if node.blocknr in self.seen:
             self._fault("node reached twice within one tree (cycle or cross-link)", node)
         self.seen.add(node.blocknr)
         keys = node.keys
-        if pending.depth > 0 and node.nr_entries == 0:
+        nr_entries = node.nr_entries
+        if depth > 0 and nr_entries == 0:
             self._fault("empty non-root node", node)
-        if node.nr_entries > 1 and not bool(np.all(keys[1:] > keys[:-1])):
+        if nr_entries > 1 and not keys_checked and (keys[1:] <= keys[:-1]).any():
             self._fault("keys are not strictly increasing", node)
-        if node.nr_entries and pending.depth > 0 and int(keys[0]) < pending.low_key:
-            self._fault(
-                f"first key {int(keys[0])} is below its parent's key {pending.low_key}", node
-            )
+        if nr_entries and depth > 0 and int(keys[0]) < pending[1]:
+            self._fault(f"first key {int(keys[0])} is below its parent's key {pending[1]}", node)
 
     def _fault(self, message: str, node: Node) -> NoReturn:
         raise CorruptMetadataError(message, block=node.blocknr, structure=self.structure)
@@ -271,13 +302,68 @@ class _Segment:
     shared: bool
 
 
+def _key_bytes(node: Node) -> bytes:
+    return bytes(node.block[NODE_HEADER_SIZE : NODE_HEADER_SIZE + 8 * node.nr_entries])
+
+
+def _value_view(node: Node) -> bytes | memoryview:
+    # No copy here: the batch's join copies once.
+    start = node.values_offset
+    return node.block[start : start + 8 * node.nr_entries]
+
+
+class _LeafPairs:
+    """Pairs of leaves with the same keys (a snapshot's leaf and its written copy), compared
+    all at once: a copy differs from its original in a few entries, and one numpy pass over
+    every pair costs less than a few array operations per pair."""
+
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []
+        self.left_values: list[bytes | memoryview] = []
+        self.right_values: list[bytes | memoryview] = []
+
+    def add(self, keys: bytes, left: Node, right: Node) -> None:
+        self.keys.append(keys)
+        self.left_values.append(_value_view(left))
+        self.right_values.append(_value_view(right))
+
+    def blocks(self, *, changed_only: bool) -> _Blocks | None:
+        """The blocks of the pairs added since the last call; None if there were none."""
+        if not self.keys:
+            return None
+        keys: U64 = np.frombuffer(b"".join(self.keys), dtype="<u8")
+        shift = np.uint64(24)  # the data block is above the 24-bit time (section 5.2)
+        ldata = np.frombuffer(b"".join(self.left_values), dtype="<u8") >> shift
+        rdata = np.frombuffer(b"".join(self.right_values), dtype="<u8") >> shift
+        self.keys.clear()
+        self.left_values.clear()
+        self.right_values.clear()
+        different = ldata != rdata
+        if changed_only:
+            # Dropping "same" blocks before the runs are cut changes no run of another kind:
+            # a run only joins blocks whose keys follow each other, so never across a gap.
+            return _Blocks(
+                keys[different],
+                np.full(int(np.count_nonzero(different)), DeltaKind.DIFFERENT, dtype=np.uint8),
+                ldata[different],
+                rdata[different],
+            )
+        kind = np.where(different, np.uint8(DeltaKind.DIFFERENT), np.uint8(DeltaKind.SAME))
+        return _Blocks(keys, kind.astype(np.uint8), ldata, rdata)
+
+
 class _JointWalk:
-    """Walks two block trees in step, yielding segments in key order.
+    """Walks two block trees in step, producing the classified blocks in key order.
 
     Heads are compared by block number first: the same block on both sides is a shared
     subtree. Otherwise the side whose head starts at the lower key moves on (an internal
     node is expanded, a leaf taken); on a tie internal nodes are expanded first, so that
     shared nodes further down come to both heads together.
+
+    Two fast paths for a snapshot against its origin, where most nodes at a tie are a node
+    and its copy with the same keys: two internal nodes with the same keys are expanded
+    together, their children compared as arrays and the shared ones skipped at once (with
+    ``changed_only``); two leaves with the same keys are compared in a batch.
     """
 
     def __init__(
@@ -296,6 +382,8 @@ class _JointWalk:
         self._cache: dict[int, Node] = {}
         self.left = _Side(self, *left)
         self.right = _Side(self, *right)
+        self._pairs = _LeafPairs()
+        self._parts: list[_Blocks] = []
 
     def node(self, blocknr: int, structure: str) -> Node:
         node = self._cache.get(blocknr)
@@ -308,49 +396,126 @@ class _JointWalk:
             self._cache[blocknr] = node
         return node
 
-    def segments(self) -> Iterator[_Segment]:
+    def blocks(self) -> list[_Blocks]:
+        """Every block either side maps (with ``changed_only``, at least every changed one),
+        in key order, as consecutive parts."""
         left, right = self.left, self.right
-        while left.stack and right.stack:
-            lhead, rhead = left.head, right.head
-            if lhead.blocknr == rhead.blocknr:
-                left.stack.pop()
-                right.stack.pop()
-                yield from self._flush()
-                yield from self._shared(lhead, rhead)
-            elif lhead.low_key < rhead.low_key:
+        lstack, rstack = left.stack, right.stack
+        while lstack and rstack:
+            lhead, rhead = lstack[-1], rstack[-1]
+            if lhead[0] == rhead[0]:
+                lstack.pop()
+                rstack.pop()
+                self._flush()
+                self._shared(lhead, rhead)
+            elif lhead[1] < rhead[1]:
                 left.advance()
-            elif rhead.low_key < lhead.low_key:
+            elif rhead[1] < lhead[1]:
                 right.advance()
             else:
-                lnode, rnode = left.head_node(), right.head_node()
-                if lnode.is_leaf and rnode.is_leaf:
-                    left.advance()
-                    right.advance()
-                else:
-                    if not lnode.is_leaf:
-                        left.advance()
-                    if not rnode.is_leaf:
-                        right.advance()
-        while left.stack:
+                self._tie()
+        while lstack:
             left.advance()
-        while right.stack:
+        while rstack:
             right.advance()
-        yield from self._flush()
+        self._flush()
+        self._flush_pairs()
+        return self._parts
 
-    def _flush(self) -> Iterator[_Segment]:
+    def _tie(self) -> None:
+        left, right = self.left, self.right
+        lnode, rnode = left.head_node(), right.head_node()
+        if lnode.is_leaf and rnode.is_leaf:
+            if not left.keys and not right.keys:
+                self._leaf_pair(lnode, rnode)
+            else:
+                left.advance()
+                right.advance()
+        elif lnode.is_leaf or rnode.is_leaf:
+            if not lnode.is_leaf:
+                left.advance()
+            if not rnode.is_leaf:
+                right.advance()
+        elif not self.read_shared and _key_bytes(lnode) == _key_bytes(rnode):
+            self._internal_pair(lnode, rnode)
+        else:
+            left.advance()
+            right.advance()
+
+    def _leaf_pair(self, lnode: Node, rnode: Node) -> None:
+        """The two head leaves, at the same key with nothing taken before them on either
+        side."""
+        left, right = self.left, self.right
+        lpending = left.pop_head()
+        left.check(lnode, lpending)
+        left.note_leaf(lnode, lpending[2])
+        keys = _key_bytes(lnode)
+        rpending = right.pop_head()
+        same_keys = _key_bytes(rnode) == keys
+        right.check(rnode, rpending, keys_checked=same_keys)
+        right.note_leaf(rnode, rpending[2])
+        if same_keys:
+            self._pairs.add(keys, lnode, rnode)
+            return
+        # Different keys: later leaves of one side may interleave with this leaf of the
+        # other, so both are taken into the current segment, as in the generic walk.
+        for side, node in ((left, lnode), (right, rnode)):
+            if node.nr_entries:
+                side.keys.append(node.keys)
+                side.values.append(node.values_u64())
+
+    def _internal_pair(self, lnode: Node, rnode: Node) -> None:
+        """The two head nodes, internal with the same keys: shared children are skipped,
+        the others put on both frontiers in step (only with ``changed_only``)."""
+        left, right = self.left, self.right
+        lpending = left.pop_head()
+        left.check(lnode, lpending)
+        rpending = right.pop_head()
+        right.check(rnode, rpending, keys_checked=True)
+        lchildren, rchildren = lnode.values_u64(), rnode.values_u64()
+        changed = np.flatnonzero(lchildren != rchildren).tolist()
+        count = len(lchildren)
+        self.shared_subtrees += count - len(changed)
+        if count and (not changed or changed[-1] != count - 1):
+            # Shared children after the last changed one: the order check restarts after
+            # this node's subtree, as in the generic walk.
+            left.skip_shared_after()
+            right.skip_shared_after()
+        keys = lnode.key_list()
+        lchild, rchild = lchildren.tolist(), rchildren.tolist()
+        ldepth, rdepth = lpending[2] + 1, rpending[2] + 1
+        previous = -1
+        lpushed: list[_Pending] = []
+        rpushed: list[_Pending] = []
+        for index in changed:
+            # The generic walk restarts the order check at every shared subtree it skips.
+            reset = index != previous + 1
+            lpushed.append((lchild[index], keys[index], ldepth, reset))
+            rpushed.append((rchild[index], keys[index], rdepth, reset))
+            previous = index
+        left.stack.extend(reversed(lpushed))
+        right.stack.extend(reversed(rpushed))
+
+    def _flush_pairs(self) -> None:
+        blocks = self._pairs.blocks(changed_only=not self.read_shared)
+        if blocks is not None:
+            self._parts.append(blocks)
+
+    def _flush(self) -> None:
         lk, lv = self.left.drain()
         rk, rv = self.right.drain()
         if len(lk) or len(rk):
-            yield _Segment(lk, lv, rk, rv, shared=False)
+            self._flush_pairs()
+            self._parts.append(_classify(_Segment(lk, lv, rk, rv, shared=False)))
 
-    def _shared(self, lhead: _Pending, rhead: _Pending) -> Iterator[_Segment]:
+    def _shared(self, lhead: _Pending, rhead: _Pending) -> None:
         self.shared_subtrees += 1
         if not self.read_shared:
             self.left.skip_shared()
             self.right.skip_shared()
             return
         self.shared_subtrees_read += 1
-        walk = TreeWalk(self.source, lhead.blocknr, MAPPING_VALUE_SIZE, self.left.structure)
+        walk = TreeWalk(self.source, lhead[0], MAPPING_VALUE_SIZE, self.left.structure)
         keys_list, values_list = [], []
         for leaf in walk.leaves():
             self.nodes_read += 1
@@ -359,17 +524,18 @@ class _JointWalk:
                 values_list.append(leaf.values_u64())
         keys = np.concatenate(keys_list) if keys_list else _EMPTY
         values = np.concatenate(values_list) if values_list else _EMPTY
-        if len(keys) and lhead.depth > 0 and int(keys[0]) < lhead.low_key:
+        if len(keys) and lhead[2] > 0 and int(keys[0]) < lhead[1]:
             raise CorruptMetadataError(
-                f"first key {int(keys[0])} is below its parent's key {lhead.low_key}",
-                block=lhead.blocknr,
+                f"first key {int(keys[0])} is below its parent's key {lhead[1]}",
+                block=lhead[0],
                 structure=self.left.structure,
             )
-        self.left.take_shared(keys, values, lhead.depth, walk.leaf_depth, lhead.blocknr)
-        self.right.take_shared(keys, values, rhead.depth, walk.leaf_depth, rhead.blocknr)
+        self.left.take_shared(keys, values, lhead[2], walk.leaf_depth, lhead[0])
+        self.right.take_shared(keys, values, rhead[2], walk.leaf_depth, rhead[0])
         self.left.drain()
         self.right.drain()
-        yield _Segment(keys, values, keys, values, shared=True)
+        self._flush_pairs()
+        self._parts.append(_classify(_Segment(keys, values, keys, values, shared=True)))
 
 
 # --------------------------------------------------------------------------- classification
@@ -484,8 +650,7 @@ def compute_delta(
     walk = _JointWalk(
         md.source, (left, left_root), (right, right_root), read_shared=not changed_only
     )
-    parts = [_classify(segment) for segment in walk.segments()]
-    runs = _runs(_join(parts), verbose=verbose, changed_only=changed_only)
+    runs = _runs(_join(walk.blocks()), verbose=verbose, changed_only=changed_only)
     stats = DeltaStats(walk.nodes_read, walk.shared_subtrees, walk.shared_subtrees_read)
     return Delta(left, right, runs, verbose, changed_only, stats)
 
