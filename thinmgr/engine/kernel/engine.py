@@ -647,19 +647,24 @@ class KernelEngine:
         return VolumeStatus(dev_id, details.mapped_blocks, highest, False, None, 0)
 
     @contextlib.contextmanager
-    def _suspend_volume(self, spec: PoolSpec, dev_id: int) -> Iterator[None]:
+    def _suspend_volume(
+        self, spec: PoolSpec, dev_id: int, *, lockfs: bool = True
+    ) -> Iterator[None]:
         info = self._volume(spec, dev_id)
         if info is None or not info.has_active_table or info.suspended:
             yield  # nothing to hold, or the caller already holds it
             return
-        self.dm.suspend(info.name)  # lockfs: a mounted file system is frozen first
+        self.dm.suspend(info.name, lockfs=lockfs)  # lockfs: a mounted file system is frozen first
         try:
             yield
         finally:
             self.dm.resume(info.name)
 
     def suspended(self, spec: PoolSpec, dev_id: int) -> AbstractContextManager[None]:
-        return self._suspend_volume(spec, dev_id)
+        # The caller (ops/snapshots.py) has already frozen a mounted file system with FIFREEZE:
+        # DM's own lockfs would freeze it a second time, which the kernel refuses with EBUSY
+        # (freeze_super on a frozen super block; seen on 6.1 in the lab).
+        return self._suspend_volume(spec, dev_id, lockfs=False)
 
     # --- metadata ----------------------------------------------------------------------------
     @contextlib.contextmanager
