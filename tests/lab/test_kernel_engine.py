@@ -177,7 +177,7 @@ def test_thin_volumes_and_snapshot_of_active_origin(tmp_path: Path) -> None:
         origin = engine.activate_volume(
             spec, 0, name=f"{spec.name}-v0", size_bytes=8 << 20, read_only=False
         )
-        assert origin == Path("/dev/mapper") / f"{spec.name}-v0"
+        assert origin == Path("/dev/mapper") / f"thinmgr-{spec.name}-{spec.name}-v0"
         assert origin.is_block_device()
         _write(origin, 0, _pattern(1))
         _write(origin, 5 * BLOCK, _pattern(2))

@@ -3,8 +3,8 @@
 Everything goes through DM ioctls (``thinmgr.kernel.dm``), never dmsetup. Device-mapper names:
 
 * pool: ``thinmgr-<pool>-tpool`` with uuid ``THINMGR-POOL-<pool>`` (private: no blkid probing);
-* volume: the name the manager gives, with uuid ``THINMGR-THIN-<pool>-<dev id>``; the uuid is
-  how a volume is found again from its device id.
+* volume: ``thinmgr-<pool>-<name>`` for the name the manager gives, with uuid
+  ``THINMGR-THIN-<pool>-<dev id>``; the uuid is how a volume is found again from its device id.
 
 File-backed pools run on loop devices attached with autoclear: the pool table holds them open,
 so they go away by themselves when the pool is removed, and a crash leaks nothing once the
@@ -85,6 +85,11 @@ def pool_dm_name(spec: PoolSpec) -> str:
 
 def pool_uuid(spec: PoolSpec) -> str:
     return f"THINMGR-POOL-{spec.name}"
+
+
+def volume_dm_name(spec: PoolSpec, name: str) -> str:
+    """The device-mapper name of a volume: ``thinmgr-<pool>-<volume>`` (names are global)."""
+    return f"thinmgr-{spec.name}-{name}"
 
 
 def volume_uuid(spec: PoolSpec, dev_id: int) -> str:
@@ -551,6 +556,8 @@ class KernelEngine:
         self, spec: PoolSpec, dev_id: int, *, name: str, size_bytes: int, read_only: bool
     ) -> Path:
         pool = self._active_pool(spec)
+        # Device-mapper names are global: prefix the pool so two pools' volumes never clash.
+        name = volume_dm_name(spec, name)
         existing = self._volume(spec, dev_id)
         if existing is not None and existing.has_active_table:
             if existing.name != name:
