@@ -11,6 +11,7 @@ even when it fails (``Env.cleanup``), and fails if the code under test left any.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -287,7 +288,14 @@ def test_sigkill_at_every_step_then_doctor_fix(env: Env) -> None:
     plan = [(kind, f"{kind}:{point}", None) for kind in points for point in points[kind]] * 3
     # random kills land mostly inside the step (an in-process step takes ~30-80 ms here)
     plan += [(kind, None, rng.uniform(0.0, 0.05)) for kind in points for _ in range(30)]
-    for kind, crash_at, delay in plan:
+
+    def more_random_kills() -> Iterator[tuple[str, str | None, float | None]]:
+        # A random delay can outlast a fast step (the command then exits 0): keep drawing
+        # random kills until 100 have landed, within a bound.
+        while killed < 100 and trials < 300:
+            yield rng.choice(list(points)), None, rng.uniform(0.0, 0.03)
+
+    for kind, crash_at, delay in itertools.chain(plan, more_random_kills()):
         next(counter)  # the parent and the child agree on the name the child uses
         victim = f"r{trials}"
         if kind == "delete_thin":
