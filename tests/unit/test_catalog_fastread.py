@@ -194,7 +194,7 @@ def test_a_schema_not_at_head_falls_back(fake_home: Path, revision: str | None) 
         if revision is None:
             connection.execute("DELETE FROM alembic_version")
         elif revision == "two":
-            connection.execute("INSERT INTO alembic_version VALUES ('0002')")
+            connection.execute("INSERT INTO alembic_version VALUES ('ffff')")
         else:
             connection.execute("UPDATE alembic_version SET version_num = ?", (revision,))
     assert read_or_none(fake_home, lambda reader: reader.pools()) is None

@@ -310,6 +310,16 @@ class Image(Base):
     top_layer_id: Mapped[int | None] = mapped_column(
         ForeignKey("layers.id", ondelete="RESTRICT"), index=True
     )
+    # The pool holding the image's layers (NULL only for a layerless image).
+    pool_id: Mapped[int | None] = mapped_column(
+        ForeignKey("pools.id", ondelete="RESTRICT"), index=True
+    )
+    # The image id: the digest of its OCI/Docker config (or of thinmgr's own for commits).
+    digest: Mapped[str | None] = mapped_column(String(DIGEST_LENGTH))
+    # What `run` starts by default: the OCI config's Env, Cmd, Entrypoint, WorkingDir, User.
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Where it came from (archive path, "commit of CONTAINER"), for `image show`.
+    source: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
     top_layer: Mapped[Layer | None] = relationship()
@@ -344,7 +354,12 @@ class Container(Base):
     pid: Mapped[int | None] = mapped_column(Integer)
     exit_code: Mapped[int | None] = mapped_column(Integer)
     command: Mapped[list[str]] = mapped_column()
+    # What the user asked for (env, workdir, user, hostname, limits, tty, detach, ...).
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What was set up for it (mount point, cgroup paths, log file): what teardown undoes.
+    runtime: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
 
     image: Mapped[Image | None] = relationship()
