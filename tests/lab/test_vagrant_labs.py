@@ -151,3 +151,15 @@ def test_lab_03_dm_thin_by_hand(tmp_path: Path, fast_thinmgr: Path) -> None:
 
 def test_lab_04_snapshots_and_diffs(tmp_path: Path, fast_thinmgr: Path) -> None:
     _run_lab("04-snapshots-and-diffs", tmp_path, fast_thinmgr)
+
+
+def test_lab_01_namespaces(tmp_path: Path, fast_thinmgr: Path) -> None:
+    _run_lab("01-namespaces", tmp_path, fast_thinmgr)
+
+
+def test_lab_02_cgroups(tmp_path: Path, fast_thinmgr: Path) -> None:
+    _run_lab("02-cgroups", tmp_path, fast_thinmgr)
+
+
+def test_lab_05_images(tmp_path: Path, fast_thinmgr: Path) -> None:
+    _run_lab("05-images", tmp_path, fast_thinmgr)
