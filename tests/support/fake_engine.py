@@ -296,6 +296,12 @@ class FakeEngine:
                 state["suspended"].remove(dev_id)
 
     # --- metadata --------------------------------------------------------------------------
+    def link_path(self, spec: PoolSpec, name: str) -> Path | None:
+        return None
+
+    def find_stale(self, spec: PoolSpec, *, fix: bool) -> list[str]:
+        return []
+
     def release_metadata_snapshot(self, spec: PoolSpec) -> None:
         with changing(spec.run_dir) as state:
             state["held"] = None

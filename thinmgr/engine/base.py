@@ -141,6 +141,17 @@ class Engine(Protocol):
         Used around a snapshot of a live origin (after FIFREEZE of its filesystem)."""
         ...
 
+    def link_path(self, spec: PoolSpec, name: str) -> Path | None:
+        """A stable path the engine links an active volume at (the user engine's
+        ``/dev/thinmgr/POOL/NAME``), or None when the device node itself is the stable path."""
+        ...
+
+    # --- run-time leftovers ------------------------------------------------------------------
+    def find_stale(self, spec: PoolSpec, *, fix: bool) -> list[str]:
+        """What a killed process of this engine left behind (mounts, loop devices, links);
+        with ``fix``, remove it. Used by `thinmgr doctor`."""
+        ...
+
     # --- metadata access for diffs and checks --------------------------------------------
     def release_metadata_snapshot(self, spec: PoolSpec) -> None:
         """Release a metadata snapshot left held (by a crashed reader or another tool);

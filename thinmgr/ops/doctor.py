@@ -108,12 +108,9 @@ def _check_pool(mgr: Manager, h: PoolHandle, *, fix: bool, adopt: bool) -> list[
 
 def _stale_state(h: PoolHandle, *, fix: bool) -> list[Finding]:
     """Run-time leftovers of a killed server: leaked loop devices, dead FUSE mounts, links."""
-    find = getattr(h.engine, "find_stale", None)  # engines without run-time state have none
-    if find is None:
-        return []
     return [
         Finding(h.name, "stale-runtime-state", what, fixable=True, fixed=fix)
-        for what in find(h.spec, fix=fix)
+        for what in h.engine.find_stale(h.spec, fix=fix)
     ]
 
 

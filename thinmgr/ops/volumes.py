@@ -128,9 +128,9 @@ def show_volume(mgr: Manager, pool_name: str, name: str, *, engine: bool = True)
 def stable_path(h: PoolHandle, name: str, device: Path | None) -> str | None:
     """The path an active volume is known by: the engine's stable link when it has one
     (the user engine's ``/dev/thinmgr/POOL/NAME``), else the device node."""
-    link_path = getattr(h.engine, "link_path", None)
-    if callable(link_path):
-        return str(link_path(h.spec, name))
+    link = h.engine.link_path(h.spec, name)
+    if link is not None:
+        return str(link)
     return None if device is None else str(device)
 
 
