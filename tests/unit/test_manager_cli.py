@@ -344,3 +344,41 @@ def test_lock_names_its_holder(cli: Cli, home: Path, monkeypatch: pytest.MonkeyP
         release.set()
         proc.join(10)
     assert js(cli, "volume", "create", "p", "v", "--size", "1G")["dev_id"] == 0
+
+
+def test_destroy_refuses_a_pool_with_images_unless_forced(cli: Cli, home: Path) -> None:
+    from thinmgr.catalog.db import open_catalog
+    from thinmgr.catalog.models import Device, Image, Layer
+
+    js(cli, "pool", "create", "p", "--size", "1G")
+    js(cli, "volume", "create", "p", "base", "--size", "64M")
+    digest = "sha256:" + "ab" * 32
+    catalog = open_catalog(home)
+    try:
+        with catalog.write() as session:
+            device = session.query(Device).filter_by(name="base").one()
+            layer = Layer(
+                pool_id=device.pool_id,
+                digest=digest,
+                diff_id=digest,
+                chain_id=digest,
+                device_id=device.id,
+                size_bytes=0,
+            )
+            session.add(layer)
+            session.flush()
+            session.add(Image(name="img", pool_id=device.pool_id, top_layer_id=layer.id))
+    finally:
+        catalog.close()
+    code, _, err = cli("pool", "destroy", "p")
+    assert code == ExitCode.CONFLICT and "image layers" in err
+    assert js(cli, "pool", "list")[0]["name"] == "p"
+    code, _, err = cli("pool", "destroy", "p", "--force")
+    assert code == 0, err
+    assert js(cli, "pool", "list") == []
+    catalog = open_catalog(home)
+    try:
+        with catalog.read() as session:
+            assert session.query(Image).count() == 0 and session.query(Layer).count() == 0
+    finally:
+        catalog.close()

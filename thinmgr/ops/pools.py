@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from thinmgr.catalog.fastread import PoolRow, row_of
 from thinmgr.catalog.models import (
     Container,
     Device,
     DeviceState,
+    Image,
     Layer,
     Pool,
     PoolEngine,
@@ -426,10 +428,11 @@ def destroy_pool(mgr: Manager, name: str, *, force: bool = False) -> None:
                     f"pool {name!r} has active volumes: {', '.join(active[:10])}",
                     hint="Deactivate them first (`thinmgr volume deactivate POOL NAME`).",
                 )
-        if used is not None:
+        if used is not None and not force:
             raise ConflictError(
                 f"pool {name!r} holds image layers or containers",
-                hint="Remove the images and containers that use it first.",
+                hint="Remove the images and containers that use it first, or pass --force "
+                "to destroy the pool with them.",
             )
         if devices and not force:
             raise ConflictError(
@@ -446,10 +449,32 @@ def destroy_pool(mgr: Manager, name: str, *, force: bool = False) -> None:
         with mgr.catalog.write() as session:
             for step in session.scalars(select(Step).where(Step.pool_id == h.id)):
                 session.delete(step)
+            _forget_images_and_containers(session, h.id, rows)
             session.query(Device).filter(Device.pool_id == h.id).update({Device.origin_id: None})
             for device in session.scalars(select(Device).where(Device.pool_id == h.id)):
                 session.delete(device)
             session.delete(session.get_one(Pool, h.id))
+    _remove_link_dir(h)
+
+
+def _forget_images_and_containers(session: Session, pool_id: int, devices: list[int]) -> None:
+    """The catalog rows that name a destroyed pool's devices (``destroy --force``): its
+    containers (none runs: their volumes would be active), images and layers."""
+    session.query(Container).filter(Container.device_id.in_(devices)).delete()
+    layers = select(Layer.id).where(Layer.pool_id == pool_id)
+    session.query(Image).filter((Image.pool_id == pool_id) | Image.top_layer_id.in_(layers)).delete(
+        synchronize_session=False
+    )
+    session.query(Layer).filter(Layer.pool_id == pool_id).update({Layer.parent_id: None})
+    session.query(Layer).filter(Layer.pool_id == pool_id).delete()
+
+
+def _remove_link_dir(h: PoolHandle) -> None:
+    """The engine's directory of stable links for the pool (``/dev/thinmgr/POOL``), if empty."""
+    link = h.engine.link_path(h.spec, "-")
+    if link is not None:
+        with contextlib.suppress(OSError):
+            link.parent.rmdir()
 
 
 def _status_or_none(h: PoolHandle) -> PoolStatus | None:
