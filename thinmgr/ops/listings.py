@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from thinmgr.catalog.fastread import CatalogReader, DeviceRow, PoolRow, read_or_none
-from thinmgr.engine.base import PoolSpec, PoolStatus
+from thinmgr.engine.base import PoolStatus
 from thinmgr.errors import NotFoundError
 from thinmgr.format.constants import SECTOR_SIZE
 from thinmgr.ops.engines import FACTORY_ENV
+from thinmgr.ops.poolspec import spec_of
 
 _USER_ENGINE = "user"  # models.PoolEngine.USER, whose module imports SQLAlchemy
 
@@ -263,28 +264,13 @@ def _pool_record(reader: CatalogReader, name: str) -> _PoolRecord:
     return _PoolRecord(row, reader.device_states(row.id))
 
 
-def _spec(home: Path, row: PoolRow) -> PoolSpec:
-    """The spec the engine would get (``ops.manager.Manager.spec``)."""
-    from thinmgr.engine.base import NoSpacePolicy
-
-    return PoolSpec(
-        name=row.name,
-        metadata=Path(row.metadata_path),
-        data=Path(row.data_path),
-        run_dir=home / "run" / row.name,
-        data_block_sectors=row.data_block_sectors,
-        low_water_mark=row.low_water_blocks,
-        no_space=NoSpacePolicy(row.no_space_policy),
-    )
-
-
 def _quick_status(home: Path, row: PoolRow) -> PoolStatus | None:
     """The engine's status of the pool without loading the engine, or None: ask it."""
     if row.engine != _USER_ENGINE or os.environ.get(FACTORY_ENV):
         return None  # a kernel pool, or an engine injected by tests: only it can answer
     from thinmgr.engine.user.quickstatus import quick_pool_status
 
-    return quick_pool_status(_spec(home, row))
+    return quick_pool_status(spec_of(home, row))
 
 
 def pool_status(home: Path, name: str) -> PoolReport:

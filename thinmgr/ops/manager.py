@@ -19,10 +19,11 @@ from sqlalchemy.orm import Session
 
 from thinmgr.catalog.db import Catalog, open_catalog
 from thinmgr.catalog.models import Device, Pool
-from thinmgr.engine.base import Engine, NoSpacePolicy, PoolSpec
+from thinmgr.engine.base import Engine, PoolSpec
 from thinmgr.errors import NotFoundError, UsageError
 from thinmgr.ops.engines import load_engine
 from thinmgr.ops.locks import DEFAULT_LOCK_WAIT, pool_lock
+from thinmgr.ops.poolspec import run_dir_of, spec_of
 
 LOCK_WAIT_ENV = "THINMGR_LOCK_WAIT"
 
@@ -61,21 +62,13 @@ class Manager:
         return self._engines[name]
 
     def run_dir(self, pool: str) -> Path:
-        return self.home / "run" / pool
+        return run_dir_of(self.home, pool)
 
     def pools_dir(self) -> Path:
         return self.home / "pools"
 
     def spec(self, pool: Pool) -> PoolSpec:
-        return PoolSpec(
-            name=pool.name,
-            metadata=Path(pool.metadata_path),
-            data=Path(pool.data_path),
-            run_dir=self.run_dir(pool.name),
-            data_block_sectors=pool.data_block_sectors,
-            low_water_mark=pool.low_water_blocks,
-            no_space=NoSpacePolicy(pool.no_space_policy.value),
-        )
+        return spec_of(self.home, pool)
 
     def handle(self, pool: Pool) -> PoolHandle:
         return PoolHandle(pool.id, pool.name, self.spec(pool), self.engine(pool.engine.value))
