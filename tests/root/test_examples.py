@@ -25,6 +25,7 @@ pytestmark = pytest.mark.root
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCRIPTS = [
     "pool-from-files.sh",
+    "volume-snapshot-diff.sh",
     "pool-from-devices.sh",
     "live-snapshot.sh",
     "layer-export-import.sh",
