@@ -7,6 +7,7 @@ flow 5; prior-art.md section 3, item 11).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -81,6 +82,42 @@ def mounts_of(device: str | os.PathLike[str], mounts: list[Mount] | None = None)
     if number is None:
         return []
     return [m for m in (read_mounts() if mounts is None else mounts) if m.device == number]
+
+
+def reachable_mount(device: str | os.PathLike[str]) -> str | None:
+    """A path, usable from this process, to a mount of ``device`` in any mount namespace.
+
+    A container's root file system is mounted only inside the container's own mount
+    namespace, so it never shows in our mountinfo; a live snapshot must still freeze it. A
+    process in that namespace exposes it as ``/proc/PID/root`` + its mount point (the magic
+    link resolves in the process's namespace, mounts included). Each namespace is read once.
+    """
+    number = device_number(device)
+    if number is None:
+        return None
+    here = [m for m in read_mounts() if m.device == number]
+    if here:
+        return here[0].mount_point
+    seen: set[str] = set()
+    with contextlib.suppress(OSError):
+        seen.add(os.readlink("/proc/self/ns/mnt"))
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            namespace = os.readlink(f"/proc/{entry.name}/ns/mnt")
+            if namespace in seen:
+                continue
+            seen.add(namespace)
+            text = Path(f"/proc/{entry.name}/mountinfo").read_text(
+                encoding="utf-8", errors="surrogateescape"
+            )
+        except OSError:
+            continue  # gone, or a kernel thread
+        for mount in parse_mountinfo(text):
+            if mount.device == number:
+                return f"/proc/{entry.name}/root{mount.mount_point.rstrip('/')}"
+    return None
 
 
 def _ioctl_on(mount_point: str, request: int, what: str) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from thinmgr.catalog.models import Device, DeviceKind, DeviceState, Pool
 from thinmgr.errors import BusyError, ThinmgrError
-from thinmgr.kernel.freeze import freeze, mounts_of, thaw
+from thinmgr.kernel.freeze import freeze, reachable_mount, thaw
 from thinmgr.ops import journal
 from thinmgr.ops.manager import Manager
 from thinmgr.ops.naming import check_name
@@ -90,8 +90,8 @@ def create_snapshot(
         status = h.engine.volume_status(h.spec, origin_dev)
         mount_point = None
         if status.active and status.device is not None:
-            mounts = mounts_of(status.device)
-            mount_point = mounts[0].mount_point if mounts else None
+            # Also a container's root, mounted only in the container's mount namespace.
+            mount_point = reachable_mount(status.device)
 
         def prepare(session: Session, pool: Pool) -> dict[str, Any]:
             dev_id = allocate(session, pool, name)
