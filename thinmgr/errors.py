@@ -25,6 +25,11 @@ class ExitCode(IntEnum):
     UNSUPPORTED = 9
     IO_ERROR = 10
     INTERNAL = 70  # EX_SOFTWARE of sysexits.h
+    # `thinmgr run`/`exec` could not start the command (docker's 125; 126, 127 and 128+n
+    # are the container's own statuses, passed through).
+    LAUNCH_FAILED = 125
+    CANNOT_EXECUTE = 126  # the command exists but execve refused it (EACCES/ENOEXEC)
+    COMMAND_NOT_FOUND = 127  # the command is not in the container (ENOENT)
     INTERRUPTED = 130  # 128 + SIGINT, as shells report it
     PERMISSION = 77
 
@@ -97,6 +102,17 @@ class CorruptMetadataError(ThinmgrError):
         self.block = block
         self.structure = structure
         self.reason = message
+
+
+class CorruptImageError(ThinmgrError):
+    """An image or layer that is malformed or hostile: refused before anything is written
+    where its headers show it, otherwise the partly applied layer is thrown away."""
+
+    exit_code = ExitCode.CORRUPT_METADATA
+    default_hint = (
+        "The image is damaged, truncated or unsafe; export it again (docker save, "
+        "skopeo copy) and check where it came from."
+    )
 
 
 class CatalogDriftError(ThinmgrError):

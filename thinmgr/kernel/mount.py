@@ -9,8 +9,17 @@ import os
 from thinmgr.kernel.errno_map import kernel_error
 
 # linux/mount.h (uapi) flags used by thinmgr
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_STRICTATIME = 1 << 24
 # umount2 flags
 MNT_FORCE = 0x1
 MNT_DETACH = 0x2

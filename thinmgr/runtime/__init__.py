@@ -1,0 +1,1 @@
+"""Launch plans for containers: namespaces, mounts, cgroups, capabilities and seccomp."""
