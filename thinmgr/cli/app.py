@@ -16,7 +16,10 @@ from typing import Annotated
 import typer
 
 from thinmgr import __version__
+from thinmgr.cli import commit as commit_cli
+from thinmgr.cli import container as container_commands
 from thinmgr.cli import diff, doctor, lab, layer, metadata, pool, snapshot, volume
+from thinmgr.cli import image as image_cli
 from thinmgr.cli.output import Settings
 from thinmgr.cli.snapopt import split_snap_args
 from thinmgr.errors import ExitCode, InternalError, IOFailure, ThinmgrError
@@ -40,6 +43,9 @@ app.command("doctor")(doctor.doctor)
 app.add_typer(lab.app, name="lab")
 app.command("diff")(diff.diff)
 app.add_typer(layer.app, name="layer")
+app.add_typer(image_cli.app, name="image")
+app.command("commit")(commit_cli.commit)
+container_commands.register(app)  # run, exec, ps, stop, rm, logs
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,241 @@
+"""`thinmgr commit SOURCE IMAGE[:TAG]`: a volume or a container's disk becomes an image's top layer.
+
+1. Under the pool lock, an O(1) read-only snapshot of the source becomes the new layer's
+   device. A running container's file system is frozen through ``/proc/PID/root`` (FIFREEZE
+   on its root directory reaches the superblock from the host, whatever its mount namespace);
+   a volume mounted on the host is frozen at its mount point, as `thinmgr snapshot` does.
+2. The layer's identity is its block diff against the layer the source descends from (the
+   first device up its origin chain that holds a layer, or none): the diff is written as a
+   content-addressed layer-diff file ``HOME/layers/<sha256>.thindiff`` (``ops.layers``
+   export: read from the pool metadata, so the cost follows what changed), and its sha256 is
+   the layer's digest and diff id; the chain id follows the OCI rule from the parent's.
+3. The layer and image rows are recorded; the image inherits the config of the image it
+   descends from. When the pool already holds that chain id, it is shared and the new
+   snapshot dropped.
+
+A failure at any point removes the snapshot and whatever rows were made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from thinmgr.catalog.models import Container, ContainerState, Device, Image, Layer, Pool
+from thinmgr.errors import ConflictError, NotFoundError, UsageError
+from thinmgr.kernel.freeze import mounts_of
+from thinmgr.ops import layer_store
+from thinmgr.ops.image_refs import parse_ref
+from thinmgr.ops.images import (
+    ImageInfo,
+    chain_of,
+    get_image,
+    image_info,
+    refuse_existing,
+    synthetic_config_digest,
+)
+from thinmgr.ops.manager import Manager, get_device, get_pool
+
+MAX_ORIGIN_DEPTH = 4096  # a longer origin chain is a loop in a damaged catalog
+
+
+@dataclass
+class CommitResult:
+    image: ImageInfo
+    source: str
+    layer_device: str
+    chain_id: str
+    parent_chain_id: str | None
+    diff_file: str
+    data_bytes: int
+    discard_bytes: int
+    shared: bool  # the pool held this chain id already
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["image"] = self.image.as_dict()
+        return data
+
+
+@dataclass(frozen=True)
+class _Source:
+    pool: str
+    device: layer_store.LayerDevice
+    freeze_at: str | None  # a directory on the mounted file system, to freeze it
+    parent: layer_store.LayerDevice | None  # the parent layer's device
+    parent_layer: int | None
+    parent_chain: str | None
+    config: dict[str, Any]
+    label: str
+
+
+def next_chain_id(parent_chain: str | None, diff_id: str) -> str:
+    """OCI image spec, "ChainID": ChainID(L0) = DiffID(L0), else
+    sha256(ChainID(parent) + " " + DiffID)."""
+    if parent_chain is None:
+        return diff_id
+    return "sha256:" + hashlib.sha256(f"{parent_chain} {diff_id}".encode()).hexdigest()
+
+
+def _find_source(session: Session, text: str) -> tuple[Pool, Device, Container | None]:
+    if "/" in text:
+        pool_name, _, name = text.partition("/")
+        if not pool_name or not name or "/" in name:
+            raise UsageError(f"commit source {text!r} is neither POOL/VOLUME nor a container name")
+        pool = get_pool(session, pool_name)
+        return pool, get_device(session, pool, name), None
+    container = session.scalars(select(Container).where(Container.name == text)).one_or_none()
+    if container is None:
+        raise NotFoundError(
+            f"no container named {text!r}",
+            hint="Give a container name (`thinmgr ps -a`) or POOL/VOLUME.",
+        )
+    device = container.device
+    return device.pool, device, container
+
+
+def _describe(session: Session, mgr: Manager, text: str) -> _Source:
+    pool, device, container = _find_source(session, text)
+    parent: Layer | None = None
+    cursor: Device | None = device
+    for _ in range(MAX_ORIGIN_DEPTH):
+        if cursor is None:
+            break
+        parent = session.scalars(select(Layer).where(Layer.device_id == cursor.id)).one_or_none()
+        if parent is not None:
+            break
+        cursor = cursor.origin
+    config: dict[str, Any] = {}
+    if container is not None and container.image is not None:
+        config = dict(container.image.config or {})
+    elif parent is not None:
+        image = session.scalars(select(Image).where(Image.top_layer_id == parent.id)).first()
+        if image is not None:
+            config = dict(image.config or {})
+    freeze_at = None
+    if container is not None and container.state is ContainerState.RUNNING:
+        freeze_at = f"/proc/{container.pid}/root"
+    else:
+        h = mgr.handle(pool)
+        status = h.engine.volume_status(h.spec, device.thin_id)
+        if status.active and status.device is not None:
+            mounts = mounts_of(status.device)
+            freeze_at = mounts[0].mount_point if mounts else None
+    parent_device = None if parent is None else layer_store.device_of(parent.device)
+    if parent_device is not None and parent_device.size != device.virtual_size_bytes:
+        raise ConflictError(
+            f"{text!r} has {device.virtual_size_bytes} bytes but the layer it descends from "
+            f"has {parent_device.size}; a layer's diff needs equal sizes",
+            hint="Commit a snapshot of the layer that has not been resized.",
+        )
+    return _Source(
+        pool=pool.name,
+        device=layer_store.device_of(device),
+        freeze_at=freeze_at,
+        parent=parent_device,
+        parent_layer=None if parent is None else parent.id,
+        parent_chain=None if parent is None else parent.chain_id,
+        config=config,
+        label=(f"commit of container {container.name}" if container else f"commit of {text}"),
+    )
+
+
+def commit(mgr: Manager, source: str, ref_text: str) -> CommitResult:
+    """Make image ``ref_text`` whose top layer is a snapshot of ``source`` (module doc)."""
+    from thinmgr.ops.layers import export_layer
+
+    ref = parse_ref(ref_text)
+    started = time.perf_counter()
+    with mgr.catalog.read() as session:
+        refuse_existing(session, ref)
+        src = _describe(session, mgr, source)
+    temp_name = f"commit-{secrets.token_hex(6)}"
+    with mgr.writing(src.pool) as h:
+        snap = layer_store.create_snapshot(mgr, h, temp_name, src.device, freeze_at=src.freeze_at)
+    made_layer: list[int] = []
+    try:
+        layers_dir = mgr.home / "layers"
+        layers_dir.mkdir(mode=0o700, exist_ok=True)
+        exported = export_layer(
+            mgr,
+            src.pool,
+            temp_name,
+            layers_dir,
+            parent=None if src.parent is None else src.parent.name,
+            name_by_digest=True,
+        )
+        diff_id = f"sha256:{exported.digest}"
+        chain_id = next_chain_id(src.parent_chain, diff_id)
+        with mgr.writing(src.pool) as h:
+            with mgr.catalog.write() as session:
+                refuse_existing(session, ref)
+                existing = layer_store.find_layer(session, h.id, chain_id)
+                if existing is None:
+                    device = session.get_one(Device, snap.row)
+                    final_name = layer_store.layer_device_name(chain_id)
+                    if get_device_or_none(session, h.id, final_name) is not None:
+                        raise ConflictError(
+                            f"pool {src.pool!r} has a device named {final_name!r} already",
+                            hint=f"Remove it (`thinmgr volume remove {src.pool} {final_name}`).",
+                        )
+                    device.name = final_name
+                    layer = Layer(
+                        pool_id=h.id,
+                        digest=diff_id,
+                        diff_id=diff_id,
+                        chain_id=chain_id,
+                        parent_id=src.parent_layer,
+                        device_id=snap.row,
+                        size_bytes=exported.data_bytes,
+                    )
+                    session.add(layer)
+                    session.flush()
+                    made_layer.append(layer.id)
+                    top, shared, layer_name = layer.id, False, final_name
+                else:
+                    top, shared, layer_name = existing.id, True, existing.device.name
+                diff_ids = [entry.diff_id for entry in chain_of(session.get_one(Layer, top))]
+                session.add(
+                    Image(
+                        name=ref.name,
+                        tag=ref.tag,
+                        top_layer_id=top,
+                        pool_id=h.id,
+                        digest=synthetic_config_digest(src.config, diff_ids),
+                        config=src.config,
+                        source=src.label,
+                    )
+                )
+            if shared:
+                layer_store.forget(mgr, h, [], [snap.row])
+    except BaseException:
+        with mgr.writing(src.pool) as h:
+            layer_store.forget(mgr, h, made_layer, [snap.row])
+        raise
+    with mgr.catalog.read() as session:
+        image = image_info(session, get_image(session, ref))
+    return CommitResult(
+        image=image,
+        source=source,
+        layer_device=layer_name,
+        chain_id=chain_id,
+        parent_chain_id=src.parent_chain,
+        diff_file=exported.file,
+        data_bytes=exported.data_bytes,
+        discard_bytes=exported.discard_bytes,
+        shared=shared,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def get_device_or_none(session: Session, pool_id: int, name: str) -> Device | None:
+    return session.scalars(
+        select(Device).where(Device.pool_id == pool_id, Device.name == name)
+    ).one_or_none()
