@@ -30,6 +30,5 @@ def commit(
     how = "shared an existing layer" if result.shared else f"new layer {result.layer_device}"
     say(
         ctx,
-        f"committed {source} as {result.image.ref}: {how}, "
-        f"{size(result.data_bytes)} changed ({result.diff_file})",
+        f"committed {source} as {result.image.ref}: {how}, {size(result.data_bytes)} changed",
     )

@@ -5,10 +5,11 @@
    on its root directory reaches the superblock from the host, whatever its mount namespace);
    a volume mounted on the host is frozen at its mount point, as `thinmgr snapshot` does.
 2. The layer's identity is its block diff against the layer the source descends from (the
-   first device up its origin chain that holds a layer, or none): the diff is written as a
-   content-addressed layer-diff file ``HOME/layers/<sha256>.thindiff`` (``ops.layers``
-   export: read from the pool metadata, so the cost follows what changed), and its sha256 is
-   the layer's digest and diff id; the chain id follows the OCI rule from the parent's.
+   first device up its origin chain that holds a layer, or none): ``ops.layers.change_digest``
+   hashes the changed runs and their data, found in the pool metadata (so the cost follows
+   what changed, not the image size); that sha256 is the layer's digest and diff id, and the
+   chain id follows the OCI rule from the parent's. No file is written: `thinmgr layer
+   export` makes a portable layer-diff file when one is wanted.
 3. The layer and image rows are recorded; the image inherits the config of the image it
    descends from. When the pool already holds that chain id, it is shared and the new
    snapshot dropped.
@@ -52,7 +53,6 @@ class CommitResult:
     layer_device: str
     chain_id: str
     parent_chain_id: str | None
-    diff_file: str
     data_bytes: int
     discard_bytes: int
     shared: bool  # the pool held this chain id already
@@ -149,7 +149,7 @@ def _describe(session: Session, mgr: Manager, text: str) -> _Source:
 
 def commit(mgr: Manager, source: str, ref_text: str) -> CommitResult:
     """Make image ``ref_text`` whose top layer is a snapshot of ``source`` (module doc)."""
-    from thinmgr.ops.layers import export_layer
+    from thinmgr.ops.layers import change_digest
 
     ref = parse_ref(ref_text)
     started = time.perf_counter()
@@ -161,15 +161,8 @@ def commit(mgr: Manager, source: str, ref_text: str) -> CommitResult:
         snap = layer_store.create_snapshot(mgr, h, temp_name, src.device, freeze_at=src.freeze_at)
     made_layer: list[int] = []
     try:
-        layers_dir = mgr.home / "layers"
-        layers_dir.mkdir(mode=0o700, exist_ok=True)
-        exported = export_layer(
-            mgr,
-            src.pool,
-            temp_name,
-            layers_dir,
-            parent=None if src.parent is None else src.parent.name,
-            name_by_digest=True,
+        exported = change_digest(
+            mgr, src.pool, temp_name, parent=None if src.parent is None else src.parent.name
         )
         diff_id = f"sha256:{exported.digest}"
         chain_id = next_chain_id(src.parent_chain, diff_id)
@@ -227,7 +220,6 @@ def commit(mgr: Manager, source: str, ref_text: str) -> CommitResult:
         layer_device=layer_name,
         chain_id=chain_id,
         parent_chain_id=src.parent_chain,
-        diff_file=exported.file,
         data_bytes=exported.data_bytes,
         discard_bytes=exported.discard_bytes,
         shared=shared,

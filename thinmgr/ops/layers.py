@@ -245,6 +245,49 @@ def export_layer(
     return _result(pool_name, device, parent, final, summary)
 
 
+@dataclass(frozen=True)
+class ChangeDigest:
+    """The identity of a device's change against its parent, and its size."""
+
+    digest: str  # hex sha256
+    data_bytes: int
+    discard_bytes: int
+
+
+CHANGE_DIGEST_MAGIC = b"thinmgr-change-v1\0"
+
+
+def change_digest(mgr: Manager, pool_name: str, device: str, *, parent: str | None) -> ChangeDigest:
+    """sha256 over DEVICE's change against PARENT: block size, volume size, then each run in
+    volume order as (kind, begin, length) with the data of written runs.
+
+    What `commit` keys a layer by (its diff id). Unlike a layer-diff file it needs no
+    content digest of the parent (which hashes the parent's whole virtual size, zeros
+    included: seconds for a large image): the chain id already names the parent. It reads
+    only the changed blocks, found in the metadata (shared subtrees skipped).
+    """
+    names = [device] if parent is None else [device, parent]
+    digest = hashlib.sha256(CHANGE_DIGEST_MAGIC)
+    data_bytes = discard_bytes = 0
+    with mgr.locked(pool_name):
+        h, refs = resolve_devices(mgr, pool_name, *names)
+        dev = refs[0]
+        parent_dev = refs[1].thin_id if parent is not None else None
+        with pool_metadata(h) as md, _data_fd(h.spec.data) as data_fd:
+            block_size = md.view.data_block_size * SECTOR_SIZE
+            digest.update(struct.pack("<QQ", block_size, dev.size_bytes))
+            for begin, length, data in change_plan(md, parent_dev, dev.thin_id).runs:
+                kind = b"D" if data is None else b"W"
+                digest.update(kind + struct.pack("<QQ", begin, length))
+                if data is None:
+                    discard_bytes += length * block_size
+                    continue
+                data_bytes += length * block_size
+                for chunk in read_blocks(data_fd, block_size, data, length):
+                    digest.update(chunk)
+    return ChangeDigest(digest.hexdigest(), data_bytes, discard_bytes)
+
+
 def _result(pool: str, device: str, parent: str | None, path: Path, s: LayerSummary) -> LayerResult:
     return LayerResult(
         pool=pool,
