@@ -149,7 +149,8 @@ def test_init_is_pid1_and_command_pid2_with_host_hidden(
     script = (
         "cat /proc/1/comm; echo pid=$$; ls /proc | grep -c '^[0-9]'; hostname; "
         "cut -d' ' -f2 /proc/mounts | tr '\\n' ' '; echo; "
-        "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; cat /sys/class/net/lo/flags"
+        "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; cat /sys/class/net/lo/flags; "
+        "tr '\\0' ' ' </proc/1/cmdline; echo"
     )
     out = run_here(_spec(device, state, ["/bin/sh", "-c", script], hostname="box1"))
     assert out.code == 0 and out.exits == [0]
@@ -161,8 +162,10 @@ def test_init_is_pid1_and_command_pid2_with_host_hidden(
     mounts = lines[4].split()
     assert mounts[0] == "/" and "/work" not in mounts and "/sys/fs/cgroup" not in mounts
     assert {"/dev", "/dev/pts", "/proc", "/sys", "/proc/sys"} <= set(mounts)
-    assert lines[5:-1] == ["lo"]
-    assert int(lines[-1], 16) & 0x1  # IFF_UP
+    assert lines[5:-2] == ["lo"]
+    assert int(lines[-2], 16) & 0x1  # IFF_UP
+    # The init's command line is its name only: nothing of the host's (python path, options).
+    assert lines[-1].split() == [launch.INIT_NAME]
     _assert_clean(device, out, state)
     assert (state / launch.EXIT_FILE).read_text() == "0\n"
     assert int((state / launch.PID_FILE).read_text()) == out.started[0].pid

@@ -39,6 +39,8 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+import setproctitle  # imported here: after pivot_root the host's modules are gone
+
 from thinmgr.errors import ExitCode, ThinmgrError
 from thinmgr.kernel import caps, namespaces, netdev, seccomp
 from thinmgr.kernel.terminal import get_window_size, set_window_size
@@ -155,7 +157,12 @@ class _Plan:
 
 
 def _name_init() -> None:
-    """`ps` in the container shows "thinmgr-init" (the comm name) for the forked interpreter."""
+    """`ps` in the container shows "thinmgr-init" for the forked interpreter, name and command
+    line: the inherited argv (the host's python path, thinmgr's options, --home) must not
+    leak into the container. setproctitle overwrites the argv area in place (no
+    CAP_SYS_RESOURCE needed, unlike PR_SET_MM); /proc/self/comm is set as well."""
+    with contextlib.suppress(Exception):  # cosmetic: never fails the container
+        setproctitle.setproctitle(INIT_NAME)
     with contextlib.suppress(OSError):
         fd = os.open("/proc/self/comm", os.O_WRONLY | os.O_CLOEXEC)
         try:
