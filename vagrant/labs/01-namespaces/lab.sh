@@ -24,7 +24,7 @@ expect() { # expect WHAT ACTUAL WANTED
 
 cleanup() {
     set +e
-    [ -n "$sleeper" ] && kill "$sleeper" 2>/dev/null && wait "$sleeper" 2>/dev/null
+    [ -n "$sleeper" ] && pkill -KILL -P "$sleeper" 2>/dev/null && wait "$sleeper" 2>/dev/null
     thinmgr rm --force web >/dev/null 2>&1
     thinmgr image rm bb >/dev/null 2>&1
     thinmgr pool destroy "$pool" --force >/dev/null 2>&1
@@ -58,7 +58,9 @@ expect "hostname via setns" "$(nsenter -t "$target" -u hostname)" "lab1-ns"
 expect "interfaces in its netns" "$(nsenter -t "$target" -n cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' ')" "lo"
 # Joining its pid namespace (and its /proc): the sleep is pid 1 there.
 expect "pid 1 in its pid ns" "$(nsenter -t "$target" -p -m cat /proc/1/comm)" "sleep"
-kill "$sleeper"; wait "$sleeper" 2>/dev/null || true; sleeper=""
+# A pid namespace's init ignores signals it has no handler for (SIGTERM included), so the
+# sleep needs SIGKILL; unshare then exits with it.
+kill -KILL "$target"; wait "$sleeper" 2>/dev/null || true; sleeper=""
 
 step "The same with thinmgr: a pool, a busybox image built offline, a container"
 run thinmgr pool create "$pool" --size 512M

@@ -80,13 +80,17 @@ if [ "$version" = 2 ]; then
 else
     cpu="/sys/fs/cgroup/cpu,cpuacct/lab2-cpu-$$"; [ -d /sys/fs/cgroup/cpu,cpuacct ] || cpu="/sys/fs/cgroup/cpu/lab2-cpu-$$"
     mkdir "$cpu"; made+=("$cpu")
+    acct="$cpu" # cpu and cpuacct share a hierarchy on most hosts; where not, a second group
+    if [ ! -f "$cpu/cpuacct.usage" ]; then
+        acct="/sys/fs/cgroup/cpuacct/lab2-cpu-$$"; mkdir "$acct"; made+=("$acct")
+    fi
     run sh -c "echo 100000 >$cpu/cpu.cfs_period_us; echo 20000 >$cpu/cpu.cfs_quota_us"
-    join_and_run "$cpu" -- timeout 2 sh -c 'while :; do :; done' || true
-    used_us=$(( $(cat "$cpu/cpuacct.usage" 2>/dev/null || echo 0) / 1000 ))
+    join_and_run "$cpu" "$acct" -- timeout 2 sh -c 'while :; do :; done' || true
+    used_us=$(( $(cat "$acct/cpuacct.usage") / 1000 ))
     throttled=$(awk '/^nr_throttled/ {print $2}' "$cpu/cpu.stat")
 fi
 echo "CPU time used in 2 s of wall time: $((used_us / 1000)) ms (about 400 ms expected), throttled $throttled times"
-[ "$used_us" -lt 1200000 ] || { echo "the quota did not hold" >&2; exit 1; }
+[ "$used_us" -gt 0 ] && [ "$used_us" -lt 1200000 ] || { echo "the quota did not hold" >&2; exit 1; }
 
 step "Block I/O: 1 MiB/s of writes to one loop device, and 2 MiB of direct writes"
 truncate -s 64M "$work/disk.img"
