@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from thinmgr.errors import UnsupportedError, UsageError
@@ -197,3 +199,22 @@ def test_create_rejects_bad_names_and_device_limits_without_a_device() -> None:
         ContainerCgroups.create("../escape", Limits(), block_device=None)
     with pytest.raises(UsageError):
         ContainerCgroups.create("ok", Limits(device_read_bps=1), block_device=None)
+
+
+def test_v2_parent_skips_cgroups_with_processes_of_their_own(tmp_path: Path) -> None:
+    from thinmgr.runtime.cgroups import v2_parent
+
+    root = tmp_path / "cg"
+    scope = root / "user.slice" / "user-0.slice" / "session-1.scope"
+    scope.mkdir(parents=True)
+    (root / "cgroup.procs").write_text("1\n")
+    (root / "user.slice" / "cgroup.procs").write_text("")
+    (root / "user.slice" / "user-0.slice" / "cgroup.procs").write_text("")
+    (scope / "cgroup.procs").write_text("4242\n4243\n")
+    # A session scope holds the caller: nest in the nearest ancestor without processes.
+    assert v2_parent(str(scope), str(root)) == str(root / "user.slice" / "user-0.slice")
+    # A caller's cgroup without processes of its own (they live in a leaf below) is used.
+    (scope / "cgroup.procs").write_text("")
+    assert v2_parent(str(scope), str(root)) == str(scope)
+    # The root cgroup is exempt from the no-internal-processes rule.
+    assert v2_parent(str(root), str(root)) == str(root)

@@ -317,6 +317,27 @@ def caller_dirs(layout: Layout, own: dict[str, str]) -> dict[str, str]:
     }
 
 
+def v2_parent(own: str, mount_point: str) -> str:
+    """Where to nest on v2: the caller's own cgroup, or, when it holds processes itself (a
+    systemd session scope, say) and is not the root, its nearest ancestor that holds none.
+
+    v2's no-internal-processes rule forbids enabling controllers below a non-root cgroup that
+    has processes, so nesting right under such a caller cannot limit anything; the nearest
+    process-free ancestor keeps the container inside the caller's slice (and its accounting)
+    as closely as v2 allows. The root cgroup is exempt from the rule.
+    """
+    directory = os.path.normpath(own)
+    root = os.path.normpath(mount_point)
+    while directory != root and directory.startswith(root + "/"):
+        try:
+            if not _read(f"{directory}/cgroup.procs").strip():
+                return directory
+        except OSError:
+            return directory
+        directory = os.path.dirname(directory)
+    return root
+
+
 def _read(path: str) -> str:
     with open(path, encoding="ascii") as f:
         return f.read()
@@ -378,7 +399,9 @@ class ContainerCgroups:
             own = parse_proc_cgroup(f.read())
         parents = caller_dirs(layout, own)
         if layout.version == 2:
-            return cls._create_v2(name, limits, block_device, parents[UNIFIED])
+            assert layout.v2 is not None
+            parent = v2_parent(parents[UNIFIED], layout.v2[0])
+            return cls._create_v2(name, limits, block_device, parent)
         return cls._create_v1(name, limits, block_device, parents)
 
     @classmethod
