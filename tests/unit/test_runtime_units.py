@@ -85,3 +85,25 @@ def test_status_messages_from_several_writers() -> None:
     assert report.pid == 42
     assert report.error is not None and report.error.endswith("...")
     assert (report.exec_errno, report.command) == (errno.ENOENT, "nope")
+
+
+class _FakeCgroups:
+    def __init__(self, paths: dict[str, str]) -> None:
+        self._paths = paths
+
+    def paths(self) -> dict[str, str]:
+        return self._paths
+
+
+def test_mknod_is_dropped_and_the_root_nodev_where_no_devices_cgroup_filters() -> None:
+    from typing import Any, cast
+
+    from thinmgr.kernel import caps
+    from thinmgr.runtime.launch import bounding_set, devices_filtered
+
+    v1 = cast(Any, _FakeCgroups({"memory": "/m", "devices": "/d"}))
+    v2 = cast(Any, _FakeCgroups({"unified": "/u"}))
+    assert devices_filtered(v1) and bounding_set(v1) == caps.DOCKER_DEFAULT_CAPS
+    for unfiltered in (v2, None):
+        assert not devices_filtered(unfiltered)
+        assert bounding_set(unfiltered) == caps.DOCKER_DEFAULT_CAPS - {caps.CAP_MKNOD}

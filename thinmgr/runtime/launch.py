@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -103,10 +104,25 @@ _ERRORS_BY_CODE: dict[int, type[LaunchError]] = {
 # -- confinement --------------------------------------------------------------------------
 
 
-def _confine() -> None:
-    """Docker's default bounding set, no inheritable/ambient capabilities, no_new_privs, the
-    seccomp deny-list (in that order: seccomp needs no_new_privs or CAP_SYS_ADMIN)."""
-    caps.drop_bounding_set(caps.DOCKER_DEFAULT_CAPS)
+def devices_filtered(cgroups: ContainerCgroups | None) -> bool:
+    """Whether a devices cgroup (v1's allow-list) stands between the container and device
+    nodes. cgroup v2 needs a BPF device program, which thinmgr does not load yet."""
+    return cgroups is not None and "devices" in cgroups.paths()
+
+
+def bounding_set(cgroups: ContainerCgroups | None) -> frozenset[int]:
+    """Docker's default capabilities, without CAP_MKNOD where no devices cgroup filters
+    device access: a node made in the container's /dev tmpfs could otherwise open a host disk."""
+    if devices_filtered(cgroups):
+        return caps.DOCKER_DEFAULT_CAPS
+    return caps.DOCKER_DEFAULT_CAPS - {caps.CAP_MKNOD}
+
+
+def _confine(keep: frozenset[int] = caps.DOCKER_DEFAULT_CAPS) -> None:
+    """Docker's default bounding set (``keep``), no inheritable/ambient capabilities,
+    no_new_privs, the seccomp deny-list (in that order: seccomp needs no_new_privs or
+    CAP_SYS_ADMIN)."""
+    caps.drop_bounding_set(keep)
     caps.clear_inheritable_and_ambient()
     caps.set_no_new_privs()
     seccomp.install_deny_filter()
@@ -175,13 +191,16 @@ def _pid1(plan: _Plan, channels: Channels) -> NoReturn:
     spec = plan.spec
     try:
         caps.set_pdeathsig(signal.SIGKILL)  # the intermediate is outside our pid namespace
+        cgroups = plan.cgroups
+        confine = functools.partial(_confine, bounding_set(cgroups))
         layout = rootfs.RootfsPlan(
             device=str(spec.rootfs_device),
             fstype=spec.fstype,
             staging=str(plan.staging),
             read_only=spec.read_only,
+            # Device nodes shipped in an image are only safe to open behind a devices cgroup.
+            nodev=not devices_filtered(cgroups),
         )
-        cgroups = plan.cgroups
 
         def join_devices() -> None:
             if cgroups is not None:
@@ -194,13 +213,13 @@ def _pid1(plan: _Plan, channels: Channels) -> NoReturn:
         if spec.init:
             _name_init()
             if spec.confine:
-                _confine()
+                confine()
             caps.set_dumpable(False)  # /proc/1/{exe,mem,fd} closed to the container
     except BaseException as exc:
         status.send(channels.status_fd, error=_reason(exc))
         os._exit(EXIT_SETUP_FAILED)
     if not spec.init:
-        exec_command(plan.process, channels, confine=_confine if spec.confine else None)
+        exec_command(plan.process, channels, confine=confine if spec.confine else None)
 
     def close_channels(_child: int) -> None:
         os.close(channels.status_fd)
@@ -704,7 +723,9 @@ def _exec_joiner(
         try:
             caps.set_pdeathsig(signal.SIGKILL)
             os.chdir("/")  # the container's root: setns(CLONE_NEWNS) set root and cwd there
-            exec_command(process, channels, confine=_confine)
+            exec_command(
+                process, channels, confine=functools.partial(_confine, bounding_set(cgroups))
+            )
         finally:
             os._exit(EXIT_SETUP_FAILED)
     status.send(channels.status_fd, pid=command)  # signals from the launcher go there

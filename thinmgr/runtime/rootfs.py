@@ -92,6 +92,7 @@ class RootfsPlan:
     fstype: str
     staging: str  # an empty host directory; the mount exists only in the container's namespace
     read_only: bool
+    nodev: bool = False  # where no devices cgroup filters access (cgroup v2, no cgroups)
 
 
 def fd_path(fd: int) -> str:
@@ -175,7 +176,7 @@ def make_root_private() -> None:
 
 def mount_root(plan: RootfsPlan) -> int:
     """Mounts the image on the staging directory; returns an O_PATH descriptor of its root."""
-    flags = MS_RDONLY if plan.read_only else 0
+    flags = (MS_RDONLY if plan.read_only else 0) | (MS_NODEV if plan.nodev else 0)
     mount(plan.device, plan.staging, plan.fstype, flags)
     return os.open(plan.staging, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
