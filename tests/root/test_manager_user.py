@@ -48,7 +48,9 @@ class Env:
         self.home = root / "home"
         self.tag = tag  # pool names start with it: /dev/thinmgr/NAME links are global
         self.mounts: list[Path] = []
-        self.env = dict(os.environ, THINMGR_HOME=str(self.home))
+        # No server linger: these tests check that a pool's server is gone as soon as its
+        # last volume is (test_user_engine.py checks the linger itself).
+        self.env = dict(os.environ, THINMGR_HOME=str(self.home), THINMGR_SERVER_LINGER="0")
         self.env.pop(CRASH_ENV, None)
 
     def pool_name(self, suffix: str) -> str:

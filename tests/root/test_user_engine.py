@@ -46,7 +46,7 @@ def leftovers(root: Path) -> list[str]:
 
 
 class Pool:
-    def __init__(self, root: Path, *, data_bytes: int) -> None:
+    def __init__(self, root: Path, *, data_bytes: int, linger: float = 0.0) -> None:
         self.root = root
         (root / "meta").write_bytes(b"")
         os.truncate(root / "meta", 16 << 20)
@@ -55,7 +55,9 @@ class Pool:
         self.spec = PoolSpec(
             "tpool", root / "meta", root / "data", root / "run", data_block_sectors=BLOCK_SECTORS
         )
-        self.engine = UserEngine(dev_root=root / "dev")
+        # No linger by default: these tests check that the server is gone the moment its
+        # last volume is (test_server_lingers_after_its_last_volume checks the linger).
+        self.engine = UserEngine(dev_root=root / "dev", linger=linger)
         self.engine.format_pool(self.spec, nr_data_blocks=data_bytes // BLOCK_BYTES)
         self.mounts: list[Path] = []
         self.started: list[int] = []  # server pids seen, to kill by id if a test fails
@@ -104,8 +106,8 @@ class Pool:
 
 
 @contextlib.contextmanager
-def make_pool(root: Path, *, data_bytes: int) -> Iterator[Pool]:
-    pool = Pool(root, data_bytes=data_bytes)
+def make_pool(root: Path, *, data_bytes: int, linger: float = 0.0) -> Iterator[Pool]:
+    pool = Pool(root, data_bytes=data_bytes, linger=linger)
     try:
         yield pool
     finally:
@@ -286,3 +288,63 @@ def test_enospc_then_extend(tmp_path: Path) -> None:
         assert engine.pool_status(spec).total_data_blocks == 128
         engine.deactivate_volume(spec, 1)
         pool.thin_check()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    return False
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    """The server lets go of the pool (lock, socket, pid file) before its interpreter exits."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"server {pid} still runs after {timeout:g} s"
+        time.sleep(0.02)
+
+
+def test_server_lingers_after_its_last_volume(tmp_path: Path) -> None:
+    """With a linger the server outlives its last volume by that long: a new activation in
+    the meantime reuses it, commands go to it, and it stops by itself afterwards; `stop`
+    (deactivate_pool) and stop_idle_server end a lingering server at once."""
+    with make_pool(tmp_path, data_bytes=64 << 20, linger=1.0) as pool:
+        engine, spec = pool.engine, pool.spec
+        engine.create_thin(spec, 1)
+        pool.activate(1, "vol", 16 << 20)
+        first = pool.server_pid()
+        assert first is not None
+        engine.deactivate_volume(spec, 1)
+        assert pool.server_pid() == first and _alive(first)
+        assert engine.thin_ids(spec) == {1}  # answered by the lingering server
+        engine.create_thin(spec, 2)  # a message: committed by it, as always
+        pool.activate(2, "two", 16 << 20)
+        assert pool.server_pid() == first  # reused, not restarted
+        engine.deactivate_volume(spec, 2)
+        _wait_exit(first, 10)
+        assert pool.server_pid() is None and not (spec.run_dir / "server.sock").exists()
+        pool.thin_check()
+        assert engine.thin_ids(spec) == {1, 2}  # in-process again, as committed
+
+        pool.activate(1, "vol", 16 << 20)
+        second = pool.server_pid()
+        assert second is not None and second != first
+        engine.deactivate_volume(spec, 1)
+        started = time.monotonic()
+        engine.deactivate_pool(spec)  # `pool deactivate`/`pool destroy`: at once
+        assert time.monotonic() - started < 0.9 and pool.server_pid() is None
+        _wait_exit(second, 2)
+
+        pool.activate(1, "vol", 16 << 20)
+        third = pool.server_pid()
+        assert third is not None
+        assert not engine.stop_idle_server(spec)  # a volume is active: it stays
+        engine.deactivate_volume(spec, 1)
+        started = time.monotonic()
+        assert engine.stop_idle_server(spec)  # `doctor --fix`: at once
+        assert time.monotonic() - started < 0.9 and pool.server_pid() is None
+        _wait_exit(third, 2)

@@ -107,7 +107,15 @@ def _check_pool(mgr: Manager, h: PoolHandle, *, fix: bool, adopt: bool) -> list[
 
 
 def _stale_state(h: PoolHandle, *, fix: bool) -> list[Finding]:
-    """Run-time leftovers of a killed server: leaked loop devices, dead FUSE mounts, links."""
+    """Run-time leftovers of a killed server: leaked loop devices, dead FUSE mounts, links.
+
+    With ``fix``, a user-engine server that only lingers after its last volume went is
+    stopped first (not a finding: it would stop by itself within seconds), so that the
+    pool's files are free when `doctor --fix` returns, and so that the leftovers of an
+    earlier, killed server are looked for under the pool lock the lingering one held."""
+    stop_idle = getattr(h.engine, "stop_idle_server", None)
+    if fix and callable(stop_idle):
+        stop_idle(h.spec)
     return [
         Finding(h.name, "stale-runtime-state", what, fixable=True, fixed=fix)
         for what in h.engine.find_stale(h.spec, fix=fix)

@@ -97,9 +97,10 @@ class PoolReport:
 def served_state(engine: str, active: bool) -> str:
     """How the engine serves a pool, in words (``pool status``; docs/manager.md, "States").
 
-    A user-engine pool has no standing kernel object: commands open its files on demand
-    ("idle") and a server process runs only while one of its volumes is active ("serving").
-    A kernel-engine pool is a device-mapper thin-pool that is loaded or not.
+        A user-engine pool has no standing kernel object: commands open its files on demand
+        ("idle") and a server process runs while one of its volumes is active, and a few seconds
+    after the last one went ("serving").
+        A kernel-engine pool is a device-mapper thin-pool that is loaded or not.
     """
     if engine == _USER_ENGINE:
         return "serving" if active else "idle"

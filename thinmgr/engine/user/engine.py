@@ -7,10 +7,11 @@ Who touches a pool (``spec.run_dir`` holds the rendezvous):
 - otherwise the calling process opens the ``UserPool`` itself, under the exclusive flock on
   ``RUN_DIR/pool.lock`` that the server holds for its whole life, so the two never overlap.
 
-``activate_volume`` starts the server when needed; it stops by itself after its last volume
-is deactivated. A killed server leaves dead FUSE mounts and stale links and sockets behind;
-``cleanup_stale`` (called by ``activate_pool``/``activate_volume`` and by `doctor`) removes
-them, and the pool reopens at its last commit.
+``activate_volume`` starts the server when needed; it stops by itself a few seconds
+(``THINMGR_SERVER_LINGER``) after its last volume is deactivated, at once on
+``deactivate_pool`` or ``stop_idle_server``. A killed server leaves dead FUSE mounts and
+stale links and sockets behind; ``cleanup_stale`` (called by ``activate_pool``/
+``activate_volume`` and by `doctor`) removes them, and the pool reopens at its last commit.
 
 Decisions (docs/architecture.md, "User engine"):
 
@@ -41,7 +42,14 @@ from typing import Any, TypeVar
 
 from thinmgr.engine.base import MetadataView, PoolSpec, PoolStatus, VolumeStatus
 from thinmgr.engine.user import client, protocol
-from thinmgr.engine.user.server import LOG_NAME, PID_NAME, VOLUME_DIR, PoolLock, user_pool_class
+from thinmgr.engine.user.runstate import (
+    LINGER_ENV,
+    LOG_NAME,
+    PID_NAME,
+    VOLUME_DIR,
+    PoolLock,
+    user_pool_class,
+)
 from thinmgr.errors import (
     BusyError,
     IOFailure,
@@ -66,9 +74,18 @@ class UserEngine:
 
     name = "user"
 
-    def __init__(self, *, dev_root: Path = DEV_ROOT, python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        *,
+        dev_root: Path = DEV_ROOT,
+        python: str = sys.executable,
+        linger: float | None = None,
+    ) -> None:
         self.dev_root = dev_root  # stable links: DEV_ROOT/POOL/VOLUME
         self._python = python
+        # Seconds the servers this engine starts stay up after their last volume went;
+        # None: THINMGR_SERVER_LINGER as the server finds it in its environment.
+        self._linger = linger
 
     # --- pools -------------------------------------------------------------------------
 
@@ -89,6 +106,18 @@ class UserEngine:
         with contextlib.suppress(client.ServerGone):
             client.call(spec.run_dir, "stop")  # BusyError while volumes are active
             self._wait_server_gone(spec)
+
+    def stop_idle_server(self, spec: PoolSpec) -> bool:
+        """Stop the pool's server now if it only lingers (no volume active); True if it did.
+
+        For `doctor --fix`: afterwards the pool's files are free, as they are once a
+        lingering server times out (server.py, ``THINMGR_SERVER_LINGER``)."""
+        try:
+            client.call(spec.run_dir, "stop")
+        except (client.ServerGone, BusyError):
+            return False  # no server, or one that serves active volumes
+        self._wait_server_gone(spec)
+        return True
 
     def pool_status(self, spec: PoolSpec) -> PoolStatus:
         def remote(conn: client.Connection) -> PoolStatus:
@@ -411,7 +440,7 @@ class UserEngine:
                 stderr=log_file,
                 start_new_session=True,  # detached: survives this command and its terminal
                 close_fds=True,
-                env=_server_env(),
+                env=_server_env(self._linger),
             )
         deadline = time.monotonic() + START_TIMEOUT
         while not self._server_running(spec):
@@ -475,8 +504,10 @@ def _lock_busy_exit(code: int) -> bool:
     return code == ExitCode.BUSY
 
 
-def _server_env() -> dict[str, str]:
+def _server_env(linger: float | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if linger is not None:
+        env[LINGER_ENV] = repr(float(linger))
     root = str(Path(__file__).resolve().parents[3])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
     return env

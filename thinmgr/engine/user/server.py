@@ -11,7 +11,13 @@ It opens the ``UserPool``, attaches every active volume as a ``BlockDevice`` (FU
 at ``RUN_DIR/vol/DEV`` with the caller's stable link, answers JSON-line requests on
 ``RUN_DIR/server.sock`` (one thread per connection), commits about once a second while
 something changed (dm-thin's COMMIT_PERIOD is 1 s) and on every flush, and stops by itself
-when its last volume is deactivated (commit, close, remove socket and pid file).
+(commit, close, remove socket and pid file) ``linger`` seconds after its last volume was
+deactivated, when nothing asked it anything meanwhile (``THINMGR_SERVER_LINGER``, default
+``DEFAULT_LINGER``; 0 stops at once). The linger is for back-to-back commands such as
+``thinmgr run --rm`` in a loop: starting a server costs a Python start, the pool code's
+imports and a pool open (~300 ms), while a lingering one costs an idle process holding the
+pool lock, through which every command on the pool goes meanwhile. ``stop`` (`pool
+deactivate`, `pool destroy`) ends it at once, lingering or not.
 
 If it is killed, nothing is committed past its last commit, the loop devices clear
 themselves when their users let go (autoclear), and the FUSE mounts stay as dead
@@ -23,9 +29,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -34,7 +40,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thinmgr.engine.base import PoolSpec
@@ -42,79 +47,46 @@ from thinmgr.engine.user import protocol
 from thinmgr.engine.user.backend import BlockBackend, BytesLike
 from thinmgr.engine.user.blockdev import BlockDevice, attach
 from thinmgr.engine.user.client import SOCKET_NAME
+from thinmgr.engine.user.runstate import (  # noqa: F401 (re-exported: the server's names)
+    LINGER_ENV,
+    LOCK_NAME,
+    LOG_NAME,
+    PID_NAME,
+    VOLUME_DIR,
+    PoolLock,
+    pool_lock,
+    user_pool_class,
+)
 from thinmgr.errors import BusyError, ConflictError, InternalError, NotFoundError, ThinmgrError
 from thinmgr.kernel import loop
 
 if TYPE_CHECKING:
-    from thinmgr.engine.user.pool import UserPool
+    pass
 
 log = logging.getLogger("thinmgr.server")
 
-LOCK_NAME = "pool.lock"
-PID_NAME = "server.pid"
-LOG_NAME = "server.log"
-VOLUME_DIR = "vol"
 COMMIT_PERIOD = 1.0  # seconds, as dm-thin's COMMIT_PERIOD (drivers/md/dm-thin.c)
 SUSPEND_TIMEOUT = 10.0  # a suspend that cannot drain in-flight I/O by then gives up
 IDLE_EXIT = 15.0  # a server nobody gives a volume to within this long stops
+# A stopping server waits this long for its clients to read their answers and hang up.
+STOP_DRAIN_TIMEOUT = 2.0
+# Seconds an idle server stays up after its last volume went. A few seconds cover a script's
+# next command (commands on a pool follow each other within about a second) without keeping
+# an idle process (and the pool's files open) around for long once the user is done.
+DEFAULT_LINGER = 3.0
 
 
-def user_pool_class() -> type[UserPool]:
-    """Imported late: `thinmgr --help` and the client side never pay for the pool code."""
-    from thinmgr.engine.user.pool import UserPool
-
-    return UserPool
-
-
-# -- the pool lock ------------------------------------------------------------------------------
-
-
-class PoolLock:
-    """The exclusive flock on ``RUN_DIR/pool.lock``: whoever holds it owns the pool."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LOCK_NAME
-        self._fd = -1
-
-    def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def acquire(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.try_acquire():
-            if time.monotonic() > deadline:
-                raise BusyError(
-                    f"the pool's lock {self.path} is held by another thinmgr process",
-                    hint="Another command or the pool server is using the pool; try again.",
-                )
-            time.sleep(0.02)
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = -1
-
-    @property
-    def held(self) -> bool:
-        return self._fd >= 0
-
-
-@contextlib.contextmanager
-def pool_lock(run_dir: Path, timeout: float) -> Iterator[PoolLock]:
-    lock = PoolLock(run_dir)
-    lock.acquire(timeout)
+def linger_from_env(environ: dict[str, str] | None = None) -> float:
+    """``THINMGR_SERVER_LINGER`` in seconds (>= 0); the default when unset or malformed (a
+    server must not fail to start over a tuning knob)."""
+    text = (os.environ if environ is None else environ).get(LINGER_ENV, "")
     try:
-        yield lock
-    finally:
-        lock.release()
+        value = float(text)
+    except ValueError:
+        return DEFAULT_LINGER
+    if not math.isfinite(value):
+        return DEFAULT_LINGER
+    return max(0.0, value)
 
 
 # -- volumes --------------------------------------------------------------------------------
@@ -210,8 +182,9 @@ class ActiveVolume:
 class PoolServer:
     """Owns one open ``UserPool`` and its active volumes; requests arrive on ``serve()``."""
 
-    def __init__(self, spec: PoolSpec) -> None:
+    def __init__(self, spec: PoolSpec, *, linger: float = DEFAULT_LINGER) -> None:
         self.spec = spec
+        self.linger = linger
         self.run_dir = spec.run_dir
         self.lock = PoolLock(self.run_dir)
         self.lock.acquire(timeout=15.0)  # a server that is stopping may still hold it
@@ -223,9 +196,16 @@ class PoolServer:
         self._mutex = threading.RLock()
         self._commit_lock = threading.Lock()
         self._stop = threading.Event()
+        self._stopped = threading.Event()  # _shutdown has finished: the pool is closed
         self._committed_changes = 0
         self._messages_since_commit = False
         self._listener: socket.socket | None = None
+        # Idle exit: no volume and no open connection for _idle_limit seconds since
+        # _last_activity (IDLE_EXIT until a volume came, the linger after the last one went).
+        self._activity_lock = threading.Lock()  # never held while taking another lock
+        self._connections = 0
+        self._last_activity = time.monotonic()
+        self._idle_limit = IDLE_EXIT
         self._ops: dict[str, Callable[..., Any]] = {
             "ping": os.getpid,
             "activate": self.activate,
@@ -289,9 +269,15 @@ class PoolServer:
             del self.volumes[dev_id]
             self.commit()
             log.info("deactivated thin device %d", dev_id)
-            if not self.volumes:
+            if self.volumes:
+                return False
+            if self.linger <= 0:
                 self._shutdown()
                 return True
+            # Everything is committed: a server killed while it lingers loses nothing.
+            with self._activity_lock:
+                self._idle_limit = self.linger
+                self._last_activity = time.monotonic()
             return False
 
     def suspend(self, dev_id: int, owner: object) -> None:
@@ -389,17 +375,33 @@ class PoolServer:
         if self._stop.is_set():
             return
         self._stop.set()
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            (self.run_dir / SOCKET_NAME).unlink()
-        self._messages_since_commit = True
-        self.commit()
-        self.pool.close()
-        with contextlib.suppress(FileNotFoundError):
-            (self.run_dir / PID_NAME).unlink()
-        log.info("server stopped")
+        try:
+            if self._listener is not None:
+                with contextlib.suppress(OSError):
+                    self._listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir / SOCKET_NAME).unlink()
+            self._messages_since_commit = True
+            self.commit()
+            self.pool.close()
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir / PID_NAME).unlink()
+            log.info("server stopped")
+        finally:
+            self._stopped.set()
+
+    def _wait_stopped(self) -> None:
+        """After the accept loop ended: wait for a ``_shutdown`` running on a control thread
+        (`stop`, the last `deactivate`) to finish and its answer to go out. Control threads
+        are daemons: returning from ``main`` while one still commits and closes the pool
+        would cut that short and release the pool lock under it."""
+        self._stopped.wait(SUSPEND_TIMEOUT)
+        deadline = time.monotonic() + STOP_DRAIN_TIMEOUT
+        while time.monotonic() < deadline:
+            with self._activity_lock:
+                if not self._connections:
+                    return
+            time.sleep(0.005)
 
     def serve(self) -> None:
         path = self.run_dir / SOCKET_NAME
@@ -413,21 +415,34 @@ class PoolServer:
         self._listener = listener
         (self.run_dir / PID_NAME).write_text(f"{os.getpid()}\n")
         threading.Thread(target=self._commit_loop, name="commit", daemon=True).start()
-        started = time.monotonic()
-        log.info("serving pool %s on %s", self.spec.name, path)
+        log.info("serving pool %s on %s (linger %g s)", self.spec.name, path, self.linger)
         while not self._stop.is_set():
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
-                if not self.volumes and time.monotonic() - started > IDLE_EXIT:
-                    with self._mutex:
-                        if not self.volumes:
-                            self._shutdown()
+                self._stop_when_idle()
                 continue
             except OSError:
                 break  # the listener was closed by _shutdown
-            started = time.monotonic()
+            with self._activity_lock:
+                self._connections += 1
+                self._last_activity = time.monotonic()
             threading.Thread(target=self._handle, args=(conn,), name="control", daemon=True).start()
+        self._wait_stopped()
+
+    def _stop_when_idle(self) -> None:
+        """Stop when no volume is active and no connection was open for ``_idle_limit``.
+
+        Checked in the accepting thread, so no connection can be accepted meanwhile; one
+        still waiting in the backlog sees its socket closed (ServerGone) and its client
+        goes on without a server. An open connection (a held metadata snapshot, a
+        suspension) keeps the server up whatever its age."""
+        with self._mutex:
+            with self._activity_lock:
+                idle = time.monotonic() - self._last_activity
+                quiet = not self._connections and idle > self._idle_limit
+            if quiet and not self.volumes:
+                self._shutdown()
 
     def _commit_loop(self) -> None:
         while not self._stop.wait(COMMIT_PERIOD):
@@ -454,6 +469,9 @@ class PoolServer:
                 self.resume(dev_id, owner)
             reader.close()
             conn.close()
+            with self._activity_lock:
+                self._connections -= 1
+                self._last_activity = time.monotonic()
 
     def _answer(self, line: bytes, owner: object, suspended: set[int]) -> bytes:
         try:
@@ -538,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a detached server ignores the terminal
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
-        server = PoolServer(spec)
+        server = PoolServer(spec, linger=linger_from_env())
     except ThinmgrError as exc:
         log.error("cannot start: %s", exc)
         return int(exc.exit_code)
