@@ -18,6 +18,7 @@ import pytest
 from tests.root.test_layers import volume_sha
 from tests.root.test_manager_user import Env, run
 from tests.root.test_manager_user import env as env  # noqa: PLC0414 (the fixture)
+from tests.support.busybox import populate_rootfs
 from tests.support.images import (
     BUSYBOX_CONFIG,
     busybox_image,
@@ -250,7 +251,8 @@ def test_commit_a_volume_and_move_the_layer(env: Env, tmp_path: Path) -> None:
         env.cli("pool", "create", pool, "--size", "512M", "--engine", "user")
     env.cli("volume", "create", a, "work", "--size", "64M")
     link = env.cli("volume", "activate", a, "work").stdout.strip()
-    run("mkfs.ext4", "-q", link)
+    # A busybox tree in it, so that a container can run on the volume rebuilt from its layers.
+    run("mkfs.ext4", "-q", "-d", populate_rootfs(tmp_path / "tree"), link)
     point = env.mount(link, "work")
     (point / "note").write_text("committed\n")
     # Committed while mounted: the file system is frozen around the snapshot.
@@ -294,6 +296,9 @@ def test_commit_a_volume_and_move_the_layer(env: Env, tmp_path: Path) -> None:
     env.json("layer", "import", b, top_file["file"], "top", "--parent", "base")
     assert volume_sha(env, a, layer["device"]) == volume_sha(env, b, "base")
     assert volume_sha(env, a, top["device"]) == volume_sha(env, b, "top")
+    # A container on the rebuilt volume sees the committed files.
+    seen = env.cli("run", "--rm", f"{b}/top", "--", "/bin/busybox", "cat", "/note").stdout
+    assert seen == "changed\n"
 
     # rm keeps the layer the `child` snapshot was made from.
     gone = env.json("image", "rm", "work:2")

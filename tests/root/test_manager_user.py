@@ -132,7 +132,10 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    # Pool servers stop with their last volume here, also those a test starts in-process:
+    # the leftover check below must not mistake a lingering server for a leaked one.
+    monkeypatch.setenv("THINMGR_SERVER_LINGER", "0")
     e = Env(tmp_path, f"t{os.getpid() % 10000}x{random.randrange(1 << 16):x}")
     try:
         yield e
