@@ -124,6 +124,10 @@ def run(
         bool, typer.Option("--init/--no-init", help="A reaping, signal-forwarding PID 1.")
     ] = True,
     net: Annotated[str, typer.Option("--net", help="Network: none or host.")] = "none",
+    userns: Annotated[
+        bool,
+        typer.Option("--userns", help="User namespace: container root is host uid 100000."),
+    ] = False,
     memory: Annotated[
         str | None, typer.Option("--memory", "-m", help="Memory limit, e.g. 256M (no swap).")
     ] = None,
@@ -172,6 +176,7 @@ def run(
             read_only=read_only,
             init=init,
             net=net,
+            userns=userns,
             memory=memory,
             cpus=cpus,
             cpu_shares=cpu_shares,

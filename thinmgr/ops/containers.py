@@ -111,6 +111,7 @@ class RunOptions:
     read_only: bool = False
     init: bool = True
     net: str = "none"
+    userns: bool = False  # a user namespace: container root is host uid 100000
     memory: str | None = None
     cpus: float | None = None
     cpu_shares: int | None = None
@@ -328,6 +329,11 @@ def _plan(mgr: Manager, target: str, argv: list[str], options: RunOptions) -> _P
         raise UsageError(
             f"network mode {options.net!r} is not supported",
             hint=f"Use --net {' or --net '.join(NETWORKS)}.",
+        )
+    if options.userns and options.net == "host":
+        raise UsageError(
+            "--userns cannot be combined with --net host",
+            hint="A user namespace cannot mount /sys of the host's network; use --net none.",
         )
     limits = build_limits(options, resolved.pool, device)
     return _Plan(name, device, resolved, command, env, workdir, user, hostname, limits)
@@ -572,6 +578,7 @@ def _launch_spec(
         read_only=options.read_only,
         init=options.init,
         net=options.net,
+        userns=options.userns,
         limits=plan.limits,
         log_path=directory / LOG_FILE if detach else None,
     )

@@ -4,7 +4,9 @@ Process structure (runtime-and-images.md §2, measured in §3)::
 
     launcher (the CLI, or the detached supervisor)
       └─ intermediate  fresh fork, single-threaded: PDEATHSIG, setsid, joins the cgroups (not
-         │             devices), unshare(NEWNS|NEWPID|NEWUTS|NEWIPC|NEWCGROUP[|NEWNET]),
+         │             devices), [--userns: ext4 mounted + idmapped, devices joined, setns
+         │             into a new user namespace (userns.py)], then
+         │             unshare(NEWNS|NEWPID|NEWUTS|NEWIPC|NEWCGROUP[|NEWNET]),
          │             reports PID 1's host pid, then waits and relays its status
          └─ PID 1      rootfs (rootfs.py) -> devices cgroup -> pivot_root, lo up, hostname;
             │          with init: confinement, dumpable 0, then init.run_init
@@ -45,7 +47,7 @@ import setproctitle  # imported here: after pivot_root the host's modules are go
 from thinmgr.errors import ExitCode, ThinmgrError
 from thinmgr.kernel import caps, namespaces, netdev, seccomp
 from thinmgr.kernel.terminal import get_window_size, set_window_size
-from thinmgr.runtime import console, rootfs, status
+from thinmgr.runtime import console, rootfs, status, userns
 from thinmgr.runtime.cgroups import ContainerCgroups, check_limits
 from thinmgr.runtime.init import exit_code, run_init
 from thinmgr.runtime.process import (
@@ -187,23 +189,51 @@ def _name_init() -> None:
             os.close(fd)
 
 
+def _layout(plan: _Plan) -> rootfs.RootfsPlan:
+    spec = plan.spec
+    return rootfs.RootfsPlan(
+        device=str(spec.rootfs_device),
+        fstype=spec.fstype,
+        staging=str(plan.staging),
+        read_only=spec.read_only,
+        # Device nodes shipped in an image are only safe to open behind a devices cgroup.
+        nodev=not devices_filtered(plan.cgroups),
+        userns=spec.userns,
+    )
+
+
+def _enter_user_namespace(plan: _Plan, launcher: int) -> None:
+    """--userns, steps 1-3 of userns.py's order, in the intermediate: the ext4 root mounted
+    and idmapped from the initial user namespace in a private mount namespace, the devices
+    cgroup joined, then the user namespace entered (the namespaces unshared afterwards are
+    owned by it). The staging directory becomes the working directory: PID 1 finds the root
+    there (rootfs.bind_root)."""
+    userns_fd = userns.create()
+    try:
+        namespaces.unshare(namespaces.CLONE_NEWNS)
+        rootfs.make_root_private()
+        os.close(rootfs.mount_root(_layout(plan)))
+        userns.idmap_mount(str(plan.staging), userns_fd)
+        os.chdir(plan.staging)
+        if plan.cgroups is not None:
+            plan.cgroups.join_devices(0)
+        userns.enter(userns_fd)
+    finally:
+        os.close(userns_fd)
+    _die_with_parent(launcher)  # the switch of credentials cleared PDEATHSIG
+
+
 def _pid1(plan: _Plan, channels: Channels) -> NoReturn:
     spec = plan.spec
     try:
         caps.set_pdeathsig(signal.SIGKILL)  # the intermediate is outside our pid namespace
         cgroups = plan.cgroups
         confine = functools.partial(_confine, bounding_set(cgroups))
-        layout = rootfs.RootfsPlan(
-            device=str(spec.rootfs_device),
-            fstype=spec.fstype,
-            staging=str(plan.staging),
-            read_only=spec.read_only,
-            # Device nodes shipped in an image are only safe to open behind a devices cgroup.
-            nodev=not devices_filtered(cgroups),
-        )
+        layout = _layout(plan)
 
         def join_devices() -> None:
-            if cgroups is not None:
+            # With --userns the intermediate joined it (container root cannot write there).
+            if cgroups is not None and not spec.userns:
                 cgroups.join_devices(0)
 
         rootfs.prepare(layout, before_pivot=join_devices)
@@ -238,6 +268,8 @@ def _intermediate(plan: _Plan, channels: Channels, launcher: int) -> NoReturn:
         close_fds_except(channels.keep())
         if plan.cgroups is not None:
             plan.cgroups.join(0)
+        if spec.userns:
+            _enter_user_namespace(plan, launcher)
         flags = (
             namespaces.CLONE_NEWNS
             | namespaces.CLONE_NEWPID
@@ -307,6 +339,12 @@ def _validate(spec: LaunchSpec) -> tuple[int, int]:
         raise LaunchError("no command to run", hint="Give one after `--`.")
     if spec.net not in NET_MODES:
         raise LaunchError(f"unknown network mode {spec.net!r} (expected none or host)")
+    if spec.userns and spec.net == "host":
+        # sysfs can only be mounted from the user namespace owning the network namespace.
+        raise LaunchError(
+            "--userns cannot be combined with --net host",
+            hint="Use --net none with --userns, or drop --userns.",
+        )
     if not spec.workdir.startswith("/"):
         raise LaunchError(f"working directory {spec.workdir!r} is not absolute")
     if spec.use_cgroups:
@@ -665,9 +703,10 @@ def run(
     return _run_here(spec, on_started, on_exit)
 
 
-def _join_namespaces(pid: int) -> None:
-    """setns into the mnt, uts, ipc, net, cgroup and pid namespaces of ``pid``: atomically
-    through a pidfd (Linux 5.8+), else one /proc/PID/ns file at a time."""
+def _join_namespaces(pid: int) -> bool:
+    """setns into the mnt, uts, ipc, net, cgroup and pid namespaces of ``pid``, and its user
+    namespace if it has one (--userns): atomically through a pidfd (Linux 5.8+), else one
+    /proc/PID/ns file at a time, user first. Returns whether a user namespace was joined."""
     wanted = (
         namespaces.CLONE_NEWNS
         | namespaces.CLONE_NEWUTS
@@ -676,10 +715,13 @@ def _join_namespaces(pid: int) -> None:
         | namespaces.CLONE_NEWCGROUP
         | namespaces.CLONE_NEWPID
     )
+    if userns.has_own(pid):
+        wanted |= namespaces.CLONE_NEWUSER
+    joins_user = bool(wanted & namespaces.CLONE_NEWUSER)
     pidfd = os.pidfd_open(pid)
     try:
         namespaces.setns(pidfd, wanted)
-        return
+        return joins_user
     except ThinmgrError:
         pass  # EINVAL from a kernel before 5.8: fall back to the ns files
     finally:
@@ -694,6 +736,7 @@ def _join_namespaces(pid: int) -> None:
     finally:
         for fd, _ in files:
             os.close(fd)
+    return joins_user
 
 
 def _exec_joiner(
@@ -714,7 +757,9 @@ def _exec_joiner(
         if cgroups is not None:
             cgroups.join(0)
             cgroups.join_devices(0)
-        _join_namespaces(pid)
+        if _join_namespaces(pid):
+            userns.become_root()
+            _die_with_parent(launcher)  # the switch of credentials cleared PDEATHSIG
         command = os.fork()  # the pid namespace applies to children only
     except BaseException as exc:
         status.send(channels.status_fd, error=_reason(exc))

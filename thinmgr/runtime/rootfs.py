@@ -4,8 +4,10 @@ The order follows runtime-and-images.md §2 and runc's rootfs_linux.go:
 
 1. ``/`` made rprivate, so nothing mounted here propagates to the host (and back);
 2. the ext4 root mounted on a staging directory (read-only with ``read_only``, plus a /tmp tmpfs);
-3. /dev (tmpfs + mknod + devpts/shm/mqueue), /proc and /sys mounted under it, masked and
-   read-only paths applied: all *before* pivot_root, while the host's /proc/self/fd exists;
+   with ``userns`` it is already there, idmapped (userns.py), and only copied on top of itself;
+3. /dev (tmpfs + mknod, or binds of the host's nodes with ``userns``, + devpts/shm/mqueue),
+   /proc and /sys mounted under it, masked and read-only paths applied: all *before*
+   pivot_root, while the host's /proc/self/fd exists;
 4. the caller joins the devices cgroup (``before_pivot``): after the ext4 mount, which the
    devices allow-list would refuse (the ordering trap of §2);
 5. ``pivot_root(".", ".")`` + ``umount2(".", MNT_DETACH)``: the host's tree is gone.
@@ -26,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from thinmgr.errors import ThinmgrError
+from thinmgr.kernel import idmap
 from thinmgr.kernel.mount import (
     MNT_DETACH,
     MS_BIND,
@@ -93,6 +96,9 @@ class RootfsPlan:
     staging: str  # an empty host directory; the mount exists only in the container's namespace
     read_only: bool
     nodev: bool = False  # where no devices cgroup filters access (cgroup v2, no cgroups)
+    # --userns: the (idmapped) root is already on staging, mounted from the initial user
+    # namespace by the intermediate (userns.py); device nodes are bind mounts of the host's.
+    userns: bool = False
 
 
 def fd_path(fd: int) -> str:
@@ -181,8 +187,42 @@ def mount_root(plan: RootfsPlan) -> int:
     return os.open(plan.staging, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def build_dev(root_fd: int) -> None:
-    """runc's default /dev: a small tmpfs with six nodes, a private devpts, shm and mqueue."""
+def bind_root() -> int:
+    """--userns: the root mount, copied from a more privileged mount namespace, is locked and
+    pivot_root refuses it; a copy of it mounted on top is not (runc's prepareRoot binds the
+    root onto itself for the same reason). Returns an O_PATH descriptor of the copy's root.
+
+    The staging directory is the working directory (entered by the intermediate while still
+    host root): the container's root may not search the host's path to it (a 0700 directory of
+    host root's), a descriptor opened before the mount namespace was copied would name a mount
+    of the old namespace (EINVAL), whereas unshare(CLONE_NEWNS) carries the working directory
+    over to the copy. open_tree's descriptor names the copy without any path lookup."""
+    copy = idmap.clone_tree(".", recursive=True)
+    try:
+        idmap.attach(copy, ".")
+    except BaseException:
+        os.close(copy)
+        raise
+    return copy
+
+
+def _bind_host_nodes(dev: int) -> None:
+    """In a user namespace mknod is refused (and a node on its tmpfs would not open): bind the
+    host's nodes onto empty files instead, as runc does for user-namespaced containers."""
+    for name, _major, _minor in DEVICE_NODES:
+        os.close(
+            os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666, dir_fd=dev)
+        )
+        target = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dev)
+        try:
+            mount(f"/dev/{name}", fd_path(target), "", MS_BIND)
+        finally:
+            os.close(target)
+
+
+def build_dev(root_fd: int, *, bind_nodes: bool = False) -> None:
+    """runc's default /dev: a small tmpfs with six nodes, a private devpts, shm and mqueue
+    (``bind_nodes``: the host's nodes bound onto files, for a user namespace)."""
     _mount_at(
         root_fd,
         "dev",
@@ -195,8 +235,11 @@ def build_dev(root_fd: int) -> None:
     try:
         old_umask = os.umask(0)
         try:
-            for name, major, minor in DEVICE_NODES:
-                os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev)
+            if bind_nodes:
+                _bind_host_nodes(dev)
+            else:
+                for name, major, minor in DEVICE_NODES:
+                    os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev)
             for name, mode in (("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o1777)):
                 os.mkdir(name, mode, dir_fd=dev)
             for name, target in DEV_SYMLINKS:
@@ -293,9 +336,9 @@ def enter_root(root_fd: int) -> None:
 def prepare(plan: RootfsPlan, *, before_pivot: Callable[[], None]) -> None:
     """Every step of the module docstring, in order; raises ThinmgrError or OSError."""
     make_root_private()
-    root_fd = mount_root(plan)
+    root_fd = bind_root() if plan.userns else mount_root(plan)
     try:
-        build_dev(root_fd)
+        build_dev(root_fd, bind_nodes=plan.userns)
         if plan.read_only:
             mount_tmp(root_fd)
         mount_proc_and_sys(root_fd, read_only_root=plan.read_only)

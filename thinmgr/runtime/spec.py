@@ -28,6 +28,8 @@ class LaunchSpec:
     limits: Limits = field(default_factory=Limits)
     log_path: Path | None = None  # detached: the container's stdout+stderr appended here
     fstype: str = "ext4"
+    # A user namespace: container ids 0..65535 are host 100000..165535, root idmapped to match.
+    userns: bool = False
     # Beyond the contract, for tests and latency measurements: without cgroups (no limits, no
     # devices allow-list) and without the capability/no_new_privs/seccomp confinement.
     use_cgroups: bool = True
