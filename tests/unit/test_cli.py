@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+import typer
 
 from tests.conftest import RestoreFn
 from thinmgr import __version__
-from thinmgr.cli.app import run
+from thinmgr.cli.app import REGISTRARS, build_app, command_word, run
+from thinmgr.errors import ExitCode
 
 TINY = """\
 <superblock uuid="" time="1" transaction="5" flags="0" version="2" data_block_size="128" \
@@ -105,3 +108,66 @@ def test_bare_metadata_snap_flag_after_global_options(
     assert run(["--home", str(tmp_path), "metadata", "dump", "--metadata-snap", str(meta)]) == 3
     assert "no metadata snapshot" in capsys.readouterr().err
     assert run(["metadata", "dump", "-m", str(meta)]) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (["pool", "list"], "pool"),
+        (["--home", "pool", "volume", "list"], "volume"),  # "pool" is --home's value here
+        (["--home=/x", "--json", "run", "--rm", "bb"], "run"),
+        (["--debug", "--", "ps"], "ps"),
+        (["--json"], None),
+        ([], None),
+    ],
+)
+def test_command_word_skips_root_options_and_their_values(
+    args: list[str], word: str | None
+) -> None:
+    assert command_word(args) == word
+
+
+def test_a_command_line_builds_only_its_own_commands() -> None:
+    only_pool = typer.main.get_command(build_app("pool"))
+    assert isinstance(only_pool, click.Group)
+    assert sorted(only_pool.commands) == ["pool"]
+    containers = typer.main.get_command(build_app("exec"))
+    assert isinstance(containers, click.Group)
+    assert sorted(containers.commands) == ["exec", "logs", "ps", "rm", "run", "stop"]
+    everything = typer.main.get_command(build_app("no-such-word"))
+    assert isinstance(everything, click.Group)
+    assert set(everything.commands) == set(REGISTRARS)
+
+
+@pytest.mark.parametrize("word", sorted(REGISTRARS))
+def test_every_top_level_word_has_its_help(word: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run([word, "--help"]) == 0
+    assert "Usage: thinmgr " + word in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_unknown_command_is_a_usage_error_listing_nothing_twice() -> None:
+    result = thinmgr("no-such-command")
+    assert result.returncode == 2
+    assert "No such command 'no-such-command'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_fast_exit_still_flushes_output_and_keeps_the_code(tmp_path: Path) -> None:
+    # main() leaves through os._exit: buffered stdout and the exit code must survive it.
+    code = (
+        "import sys; from thinmgr.cli.main import main; "
+        f"main(['--home', {str(tmp_path)!r}, '--json', 'pool', 'list'])"
+    )
+    listed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+    missing = subprocess.run(
+        [sys.executable, "-c", code.replace("'list'", "'status', 'nope'")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == ExitCode.NOT_FOUND, missing.stderr
+    assert missing.stderr.startswith("thinmgr: error: ")
