@@ -214,6 +214,7 @@ def console_script() -> str:
     Preferred over PATH, where a version manager's shim (pyenv's is a shell script) would add
     its own start-up to thinmgr's.
     """
+    compile_bytecode()
     beside = Path(sysconfig.get_path("scripts")) / "thinmgr"
     if beside.is_file():
         return str(beside)
@@ -221,3 +222,17 @@ def console_script() -> str:
     if found is None:
         raise SystemExit("thinmgr is not installed: pip install -e .")
     return found
+
+
+def compile_bytecode() -> None:
+    """Byte-compile thinmgr's modules, as ``pip install`` does for an installed package.
+
+    An editable checkout under ``PYTHONDONTWRITEBYTECODE=1`` (set on these machines) has no
+    ``__pycache__``, and every command would then compile ~75 modules from source (~60 ms,
+    measured): a cost users of an installed thinmgr never pay. The files are git-ignored.
+    """
+    import compileall
+
+    compileall.compile_dir(
+        str(Path(__file__).resolve().parent.parent / "thinmgr"), quiet=1, workers=1
+    )

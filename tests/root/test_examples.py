@@ -30,6 +30,9 @@ SCRIPTS = [
     "live-snapshot.sh",
     "layer-export-import.sh",
     "doctor-after-crash.sh",
+    "image-run.sh",
+    "commit-export-import.sh",
+    "live-container-snapshot.sh",
 ]
 SCRIPT_TIMEOUT = 120  # seconds; each takes 5-20 s on a 2-core machine
 
