@@ -309,3 +309,41 @@ def test_commit_a_volume_and_move_the_layer(env: Env, tmp_path: Path) -> None:
     gone = env.json("image", "rm", "work:1")
     assert gone["removed_layers"] == [first["chain_id"]]
     assert {v.name for v in list_volumes(env.home, a)} == {"work"}
+
+
+def test_commit_of_a_live_file_system_leaves_deleted_data_out(env: Env) -> None:
+    """A mounted source is trimmed (FITRIM) before its snapshot: blocks of deleted files are
+    unmapped, so the layer carries live data only (without the trim: 72 MiB more here)."""
+    pool = env.pool_name("trim")
+    env.cli("pool", "create", pool, "--size", "512M", "--engine", "user")
+    env.cli("volume", "create", pool, "work", "--size", "128M")
+    link = env.cli("volume", "activate", pool, "work").stdout.strip()
+    run("mkfs.ext4", "-q", "-E", "nodiscard", link)
+    point = env.mount(link, "work")
+    chunk = os.urandom(4 << 20)
+    for number in range(20):  # 80 MiB written, 4 MiB of it kept
+        path = point / f"f{number}"
+        with open(path, "wb") as f:
+            f.write(chunk)
+            os.fsync(f.fileno())
+    for number in range(19):
+        (point / f"f{number}").unlink()
+    os.sync()
+    try:
+        before = usage(env, pool, "work")
+        assert before >= 80 << 20  # ext4 freed the blocks; the thin device still maps them
+        committed = env.json("commit", f"{pool}/work", "trimmed:1")
+        assert committed["trimmed_bytes"] >= 76 << 20
+        assert committed["data_bytes"] < 16 << 20  # f19 + journal + metadata
+        layer = committed["image"]["layers"][0]["device"]
+        with Mounted(env, pool, layer) as root:
+            assert (root / "f19").read_bytes() == chunk
+            assert not (root / "f0").exists()
+    finally:
+        env.umount(point)
+        env.cli("volume", "deactivate", pool, "work")
+
+
+def usage(env: Env, pool: str, volume: str) -> int:
+    """Bytes the volume maps, from the pool's committed metadata (`volume show`)."""
+    return int(env.json("volume", "show", pool, volume)["mapped_bytes"])

@@ -4,6 +4,8 @@
    device. A running container's file system is frozen through ``/proc/PID/root`` (FIFREEZE
    on its root directory reaches the superblock from the host, whatever its mount namespace);
    a volume mounted on the host is frozen at its mount point, as `thinmgr snapshot` does.
+   Such a live file system is trimmed first (FITRIM), so that blocks of files it deleted or
+   rewrote are unmapped instead of carried into the layer.
 2. The layer's identity is its block diff against the layer the source descends from (the
    first device up its origin chain that holds a layer, or none): ``ops.layers.change_digest``
    hashes the changed runs and their data, found in the pool metadata (so the cost follows
@@ -29,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from thinmgr.catalog.models import Container, ContainerState, Device, Image, Layer, Pool
-from thinmgr.errors import ConflictError, NotFoundError, UsageError
+from thinmgr.errors import ConflictError, NotFoundError, ThinmgrError, UsageError
 from thinmgr.kernel.freeze import mounts_of
 from thinmgr.ops import layer_store
 from thinmgr.ops.image_refs import parse_ref
@@ -57,6 +59,7 @@ class CommitResult:
     discard_bytes: int
     shared: bool  # the pool held this chain id already
     seconds: float
+    trimmed_bytes: int | None = None  # free space discarded first (live file systems only)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -156,6 +159,7 @@ def commit(mgr: Manager, source: str, ref_text: str) -> CommitResult:
     with mgr.catalog.read() as session:
         refuse_existing(session, ref)
         src = _describe(session, mgr, source)
+    trimmed = _trim(src.freeze_at)
     temp_name = f"commit-{secrets.token_hex(6)}"
     with mgr.writing(src.pool) as h:
         snap = layer_store.create_snapshot(mgr, h, temp_name, src.device, freeze_at=src.freeze_at)
@@ -224,7 +228,26 @@ def commit(mgr: Manager, source: str, ref_text: str) -> CommitResult:
         discard_bytes=exported.discard_bytes,
         shared=shared,
         seconds=time.perf_counter() - started,
+        trimmed_bytes=trimmed,
     )
+
+
+def _trim(mount_point: str | None) -> int | None:
+    """Discard the free space of a live source, so the layer maps only live data.
+
+    Without it a layer carries every block its file system ever freed (kernel/trim.py).
+    Only a mounted file system can be trimmed; a stopped container's or an unmounted
+    volume's freed blocks stay in the layer. A trim that fails is only a missed saving:
+    the commit goes on, as it would on a device that cannot discard.
+    """
+    from thinmgr.kernel.trim import trim_free_space
+
+    if mount_point is None:
+        return None
+    try:
+        return trim_free_space(mount_point)
+    except ThinmgrError:
+        return None
 
 
 def get_device_or_none(session: Session, pool_id: int, name: str) -> Device | None:
