@@ -99,7 +99,9 @@ def trace(argv: Sequence[str], env: dict[str, str]) -> tuple[float, dict[str, fl
     # "run" is from the launch call to on_exit: split off what is not "launch".
     if "run" in phases:
         phases["container life + cgroup teardown"] = phases.pop("run") - phases.get("launch", 0)
-    phases["interpreter + CLI + exit"] = wall * 1000 - sum(phases.values())
+    # "launch.*" are parts of "launch", not more time.
+    counted = sum(value for name, value in phases.items() if not name.startswith("launch."))
+    phases["interpreter + CLI + exit"] = wall * 1000 - counted
     return wall, phases
 
 

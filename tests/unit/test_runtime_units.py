@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,32 @@ def test_status_messages_from_several_writers() -> None:
     assert report.pid == 42
     assert report.error is not None and report.error.endswith("...")
     assert (report.exec_errno, report.command) == (errno.ENOENT, "nope")
+
+
+def test_marks_are_kept_first_wins_and_split_the_launch_phase() -> None:
+    from thinmgr.ops.containers import _add_launch_parts
+    from thinmgr.ops.timings import Timings
+
+    start = time.monotonic()
+    read_end, write_end = os.pipe()
+    status.mark(write_end, "mount")
+    status.mark(write_end, "mounted")
+    status.send(write_end, mark="mount", at=1.0)  # a repeated step keeps the first time
+    status.send(write_end, mark="bogus", at="not a time")
+    os.close(write_end)
+    report = status.read_all(read_end)
+    os.close(read_end)
+    assert set(report.marks) == {"mount", "mounted"}
+    assert start <= report.marks["mount"] <= report.marks["mounted"] <= time.monotonic()
+
+    timings = Timings(enabled=True)
+    _add_launch_parts(timings, start, {"cgroups": start, **report.marks})
+    names = [name for name, _ in timings.phases]
+    assert names == ["launch.cgroups", "launch.namespaces", "launch.mount", "launch.exec"]
+    assert all(seconds >= 0 for _, seconds in timings.phases)
+    quiet = Timings(enabled=True)
+    _add_launch_parts(quiet, start, {"mount": start})  # incomplete: nothing made up
+    assert quiet.phases == []
 
 
 class _FakeCgroups:

@@ -242,10 +242,12 @@ def run_container(
     started: list[Started] = []
     owner_pid = os.getpid()
     launch_start = time.perf_counter()
+    launch_start_clock = time.monotonic()  # the clock of the launcher's marks
     exited_at: list[float] = []
 
     def on_started(info: Started) -> None:
         t.add("launch", time.perf_counter() - launch_start)
+        _add_launch_parts(t, launch_start_clock, info.marks)
         started.append(info)
         for warning in info.warnings:
             say(warning)
@@ -284,6 +286,21 @@ def run_container(
     if exited_at:
         t.add("run", exited_at[0] - launch_start)
     return RunOutcome(plan.name, started[0].pid, code, list(started[0].warnings))
+
+
+def _add_launch_parts(t: Timings, start: float, marks: dict[str, float]) -> None:
+    """The launch phase's parts, from the steps the launcher and PID 1 marked:
+    ``launch.cgroups`` (checks, cgroup directories and limits), ``launch.namespaces`` (the
+    forks, unshare, joining the cgroups), ``launch.mount`` (the root's mounts, /proc, /sys,
+    /dev, pivot_root) and ``launch.exec`` (host name, lo, init, confinement, execve)."""
+    if not t.enabled or not {"cgroups", "mount", "mounted"} <= marks.keys():
+        return
+    now = time.monotonic()
+    steps = [start, marks["cgroups"], marks["mount"], marks["mounted"], now]
+    for name, begin, end in zip(
+        ("cgroups", "namespaces", "mount", "exec"), steps, steps[1:], strict=False
+    ):
+        t.add(f"launch.{name}", end - begin)
 
 
 def _plan(mgr: Manager, target: str, argv: list[str], options: RunOptions) -> _Plan:

@@ -172,6 +172,7 @@ class _Plan:
     cgroups: ContainerCgroups | None
     staging: Path
     hostname: str
+    prepared_at: float  # time.monotonic() once the checks passed and the cgroups exist
 
 
 def _name_init() -> None:
@@ -236,7 +237,9 @@ def _pid1(plan: _Plan, channels: Channels) -> NoReturn:
             if cgroups is not None and not spec.userns:
                 cgroups.join_devices(0)
 
+        status.mark(channels.status_fd, "mount")
         rootfs.prepare(layout, before_pivot=join_devices)
+        status.mark(channels.status_fd, "mounted")
         if spec.net == "none":
             netdev.set_link_up("lo")
         namespaces.sethostname(plan.hostname)
@@ -308,6 +311,7 @@ class _Running:
     pid: int
     master: int | None
     warnings: list[str] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)
 
     def started(self) -> Started:
         cgroups = self.plan.cgroups
@@ -315,6 +319,7 @@ class _Running:
             pid=self.pid,
             cgroups=cgroups.paths() if cgroups is not None else {},
             warnings=list(self.warnings),
+            marks=dict(self.marks),
         )
 
 
@@ -379,7 +384,7 @@ def _prepare(spec: LaunchSpec) -> _Plan:
     cgroups = None
     if spec.use_cgroups:
         cgroups = ContainerCgroups.create(spec.name, spec.limits, block_device=block_device)
-    return _Plan(spec, process, cgroups, staging, process.hostname or spec.name)
+    return _Plan(spec, process, cgroups, staging, process.hostname or spec.name, time.monotonic())
 
 
 def _raise_for(report: status.StartReport, what: str) -> NoReturn:
@@ -444,7 +449,8 @@ def _start(plan: _Plan) -> _Running:
         _kill_and_reap(intermediate)
         raise
     warnings = plan.cgroups.warnings() if plan.cgroups is not None else []
-    return _Running(plan, intermediate, report.pid, master, warnings)
+    marks = {"cgroups": plan.prepared_at, **report.marks}
+    return _Running(plan, intermediate, report.pid, master, warnings, marks)
 
 
 def _kill_and_reap(pid: int) -> None:

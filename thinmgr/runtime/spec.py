@@ -41,3 +41,7 @@ class Started:
     pid: int  # host pid of the container's PID 1
     cgroups: dict[str, str]  # ContainerCgroups.paths()
     warnings: list[str]
+    # Start-up steps and when they were reached (time.monotonic()): "cgroups" (created, in
+    # the launcher), "mount" and "mounted" (around the root's mounts and pivot_root, in PID
+    # 1). Empty when not known (a detached container's supervisor does not pass them on).
+    marks: dict[str, float] = field(default_factory=dict)

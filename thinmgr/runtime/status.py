@@ -6,7 +6,10 @@ setup failure or the errno of a failed execve. The command's copy closes itself 
 succeeds, and every other copy is closed on the way, so end-of-file on the read side means
 "the command is running" (known before ``on_started`` is called: 126/127 are never reported
 as a start). Each message is one JSON line, written with a single write(2) below PIPE_BUF so
-that messages from different processes never interleave.
+that messages from different processes never interleave. ``mark`` messages carry the
+CLOCK_MONOTONIC time a child reached a step of the start-up (the clock is system-wide, so
+the launcher can subtract its own readings): they split the launch time into its parts for
+``THINMGR_TRACE_TIMINGS``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 _MAX_MESSAGE = 3000  # < PIPE_BUF (4096): one atomic write
 
@@ -27,6 +31,7 @@ class StartReport:
     error: str | None = None
     exec_errno: int | None = None
     command: str = ""
+    marks: dict[str, float] = field(default_factory=dict)  # step -> time.monotonic()
 
 
 def send(fd: int, **message: object) -> None:
@@ -38,6 +43,11 @@ def send(fd: int, **message: object) -> None:
         raw = json.dumps(message).encode()[:_MAX_MESSAGE]
     with contextlib.suppress(OSError):
         os.write(fd, raw + b"\n")
+
+
+def mark(fd: int, step: str) -> None:
+    """Tells the launcher that this process reached ``step`` now."""
+    send(fd, mark=step, at=time.monotonic())
 
 
 def read_all(fd: int) -> StartReport:
@@ -63,4 +73,7 @@ def read_all(fd: int) -> StartReport:
         if isinstance(message.get("exec_errno"), int) and report.exec_errno is None:
             report.exec_errno = message["exec_errno"]
             report.command = str(message.get("command", ""))
+        step, at = message.get("mark"), message.get("at")
+        if isinstance(step, str) and isinstance(at, float):
+            report.marks.setdefault(step, at)
     return report
