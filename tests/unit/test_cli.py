@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,32 @@ def test_fast_exit_still_flushes_output_and_keeps_the_code(tmp_path: Path) -> No
     )
     assert missing.returncode == ExitCode.NOT_FOUND, missing.stderr
     assert missing.stderr.startswith("thinmgr: error: ")
+
+
+def test_closed_stdout_is_refused_before_any_work(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    result = subprocess.run(
+        [sys.executable, "-m", "thinmgr", "--home", str(home), "pool", "list"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+        # The child starts with descriptor 1 closed, as after `>&-` in a shell.
+        preexec_fn=lambda: os.close(1),
+    )
+    assert result.returncode == ExitCode.IO_ERROR
+    assert result.stderr.startswith("thinmgr: error: cannot write to standard output")
+    assert not home.exists()  # nothing was done: not even the catalog created
+
+
+def test_output_to_a_full_device_is_an_io_error(tmp_path: Path) -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "thinmgr", "--home", str(tmp_path), "--json", "pool", "list"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    assert result.returncode == ExitCode.IO_ERROR
+    assert "Traceback" not in result.stderr

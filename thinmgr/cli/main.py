@@ -15,7 +15,6 @@ finished command leaves with ``os._exit`` once what a normal exit would do for u
 from __future__ import annotations
 
 import atexit
-import contextlib
 import gc
 import os
 import sys
@@ -26,6 +25,7 @@ from typing import NoReturn
 # Start-up creates tens of thousands of long-lived objects (classes, functions, SQL
 # constructs); a larger generation 0 collects them a few times instead of ~170.
 GC_GEN0_THRESHOLD = 50_000
+IO_ERROR_EXIT = 10  # ExitCode.IO_ERROR (thinmgr.errors), not imported to keep start-up short
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -35,6 +35,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
         sys.stdout.write(f"thinmgr {__version__}\n")
         sys.exit(0)
+    if sys.stdout is None:
+        # Started with descriptor 1 closed (`thinmgr ... >&-`): refuse before doing anything,
+        # rather than do the work and fail to report it.
+        if sys.stderr is not None:
+            sys.stderr.write(
+                "thinmgr: error: cannot write to standard output: it is closed\n"
+                "hint: Run it with standard output open (>/dev/null discards it).\n"
+            )
+        sys.exit(IO_ERROR_EXIT)
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
     from thinmgr.cli.app import run
@@ -55,7 +64,14 @@ def leave(code: int) -> NoReturn:
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        # A reader that left (`thinmgr ... | head`) is not an error of ours.
-        with contextlib.suppress(BrokenPipeError):
+        if stream is None:  # started with the descriptor closed (`thinmgr ... >&-`)
+            continue
+        try:
             stream.flush()
+        except BrokenPipeError:
+            pass  # a reader that left (`thinmgr ... | head`) is not an error of ours
+        except (OSError, ValueError):
+            # Output that could not be written (a full disk, a closed stream): the command
+            # did not do all it was asked, even if its work succeeded.
+            code = code or IO_ERROR_EXIT
     os._exit(code)
