@@ -207,6 +207,29 @@ def test_existing_paths_are_replaced_not_followed(tmp_path: Path) -> None:
     assert (root / "keep/x").read_bytes() == b"x"
 
 
+def test_a_hardlink_header_sets_the_shared_inode_as_docker_does(tmp_path: Path) -> None:
+    """Docker's createTarFile re-applies a link entry's owner, mode and times to the inode
+    it shares (the last header wins); a link to a symlink keeps the symlink's mode."""
+    layer = layer_tar(
+        [
+            file("data", b"d", mode=0o600, uid=1, gid=2, mtime=1_000_000),
+            hardlink("again", "data", mode=0o640, uid=3, gid=4, mtime=2_000_000),
+            symlink("sl", "data", uid=5, gid=6, mtime=3_000_000),
+            hardlink("sl2", "sl", mode=0o600, uid=7, gid=8, mtime=4_000_000),
+        ]
+    )
+    root = tmp_path / "root"
+    apply_all(write_oci_layout(tmp_path / "oci", [layer], {}), root)
+    data, again = os.lstat(root / "data"), os.lstat(root / "again")
+    assert data.st_ino == again.st_ino and data.st_nlink == 2
+    assert (stat.S_IMODE(data.st_mode), data.st_uid, data.st_gid) == (0o640, 3, 4)
+    assert data.st_mtime == 2_000_000
+    link = os.lstat(root / "sl2")
+    assert stat.S_ISLNK(link.st_mode) and link.st_ino == os.lstat(root / "sl").st_ino
+    assert (link.st_uid, link.st_gid) == (7, 8)  # lchown; no chmod through a symlink
+    assert stat.S_IMODE(os.stat(root / "data").st_mode) == 0o640
+
+
 # ------------------------------------------------------------------------------ fidelity
 
 
@@ -231,7 +254,8 @@ def test_attributes_survive_on_ext4(tmp_path: Path, ext4: Path) -> None:
                 xattrs={"user.note": b"hello", "user.bin": b"\x00\xff\xfe"},
             ),
             directory("shared", mode=0o2775, uid=0, gid=50, mtime=1_333_333),
-            hardlink("bin/su2", "bin/su"),
+            # As tar and docker write a link: the header repeats the inode's attributes.
+            hardlink("bin/su2", "bin/su", mode=0o4755, mtime=1_111_111),
             symlink("bin/sh", "su", uid=5, gid=6, mtime=1_444_444),
             chardev("dev/null", 1, 3),
             blockdev("dev/loop9", 7, 9),

@@ -235,6 +235,10 @@ class _Applier:
                 # Resolved in the chroot: the target can only be a file of this tree; with
                 # follow_symlinks=False a link to a symlink links the symlink itself.
                 os.link(_absolute(entry.link), path, follow_symlinks=False)
+                # Docker's createTarFile re-applies the link header's owner, xattrs and
+                # (unless the target is a symlink) mode and times to the shared inode: the
+                # last header of an inode wins, as when docker or tar extracts the layer.
+                self.set_attributes(path, entry, symlink=stat.S_ISLNK(os.lstat(path).st_mode))
             elif kind in (EntryKind.CHAR, EntryKind.BLOCK):
                 kind_bits = stat.S_IFCHR if kind is EntryKind.CHAR else stat.S_IFBLK
                 os.mknod(path, kind_bits | 0o600, os.makedev(entry.devmajor, entry.devminor))
