@@ -347,3 +347,32 @@ def test_commit_of_a_live_file_system_leaves_deleted_data_out(env: Env) -> None:
 def usage(env: Env, pool: str, volume: str) -> int:
     """Bytes the volume maps, from the pool's committed metadata (`volume show`)."""
     return int(env.json("volume", "show", pool, volume)["mapped_bytes"])
+
+
+def test_commit_of_a_stopped_container_leaves_its_deleted_files_out(
+    env: Env, tmp_path: Path
+) -> None:
+    """Install-then-clean-up committed after the exit: the disk is mounted on the host just
+    to be trimmed, so the layer holds what was kept, not the 32 MiB that was deleted."""
+    pool = env.pool_name("stop")
+    env.cli("pool", "create", pool, "--size", "1G", "--engine", "user")
+    import_image(env, pool, "bb", rootfs_tarball(tmp_path / "bb.tar"))
+    work = (
+        "for i in 1 2 3 4 5 6 7 8; do dd if=/dev/urandom of=/cache$i bs=1M count=4 2>/dev/null;"
+        " done; sync; rm /cache*; echo kept >/kept"
+    )
+    env.cli("run", "--name", "build", "bb", "--", "sh", "-c", work)
+    try:
+        device = "ctr-build"
+        assert usage(env, pool, device) >= 32 << 20  # the deleted files are still mapped
+        committed = env.json("commit", "build", "bb:built")
+        assert committed["trimmed_bytes"] >= 32 << 20
+        assert committed["data_bytes"] < 4 << 20
+        seen = env.cli("run", "--rm", "bb:built", "--", "cat", "/kept").stdout
+        assert seen == "kept\n"
+        # Left as it was found: inactive, and not mounted anywhere.
+        volume = env.json("volume", "show", pool, device)
+        assert volume["state"] == "inactive", volume
+        assert not list((env.home / "run" / pool).glob("layer-*"))  # no mount point left
+    finally:
+        env.cli("rm", "build")

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from thinmgr.catalog.models import Container, ContainerState, Device, Image, Layer, Pool
 from thinmgr.errors import ConflictError, NotFoundError, ThinmgrError, UsageError
-from thinmgr.kernel.freeze import mounts_of
+from thinmgr.kernel.freeze import reachable_mount
 from thinmgr.ops import layer_store
 from thinmgr.ops.image_refs import parse_ref
 from thinmgr.ops.images import (
@@ -72,6 +72,7 @@ class _Source:
     pool: str
     device: layer_store.LayerDevice
     freeze_at: str | None  # a directory on the mounted file system, to freeze it
+    stopped_container: bool  # a container's disk that no namespace mounts any more
     parent: layer_store.LayerDevice | None  # the parent layer's device
     parent_layer: int | None
     parent_chain: str | None
@@ -129,8 +130,7 @@ def _describe(session: Session, mgr: Manager, text: str) -> _Source:
         h = mgr.handle(pool)
         status = h.engine.volume_status(h.spec, device.thin_id)
         if status.active and status.device is not None:
-            mounts = mounts_of(status.device)
-            freeze_at = mounts[0].mount_point if mounts else None
+            freeze_at = reachable_mount(status.device)
     parent_device = None if parent is None else layer_store.device_of(parent.device)
     if parent_device is not None and parent_device.size != device.virtual_size_bytes:
         raise ConflictError(
@@ -142,6 +142,7 @@ def _describe(session: Session, mgr: Manager, text: str) -> _Source:
         pool=pool.name,
         device=layer_store.device_of(device),
         freeze_at=freeze_at,
+        stopped_container=container is not None and freeze_at is None,
         parent=parent_device,
         parent_layer=None if parent is None else parent.id,
         parent_chain=None if parent is None else parent.chain_id,
@@ -159,7 +160,7 @@ def commit(mgr: Manager, source: str, ref_text: str) -> CommitResult:
     with mgr.catalog.read() as session:
         refuse_existing(session, ref)
         src = _describe(session, mgr, source)
-    trimmed = _trim(src.freeze_at)
+    trimmed = _trim_stopped(mgr, src) if src.stopped_container else _trim(src.freeze_at)
     temp_name = f"commit-{secrets.token_hex(6)}"
     with mgr.writing(src.pool) as h:
         snap = layer_store.create_snapshot(mgr, h, temp_name, src.device, freeze_at=src.freeze_at)
@@ -233,12 +234,12 @@ def commit(mgr: Manager, source: str, ref_text: str) -> CommitResult:
 
 
 def _trim(mount_point: str | None) -> int | None:
-    """Discard the free space of a live source, so the layer maps only live data.
+    """Discard the free space of a mounted source, so the layer maps only live data.
 
-    Without it a layer carries every block its file system ever freed (kernel/trim.py).
-    Only a mounted file system can be trimmed; a stopped container's or an unmounted
-    volume's freed blocks stay in the layer. A trim that fails is only a missed saving:
-    the commit goes on, as it would on a device that cannot discard.
+    Without it a layer carries every block its file system ever freed (kernel/trim.py). An
+    unmounted volume is not trimmed: what it holds is the user's, file system or not. A
+    trim that fails is only a missed saving: the commit goes on, as it would on a device
+    that cannot discard.
     """
     from thinmgr.kernel.trim import trim_free_space
 
@@ -248,6 +249,32 @@ def _trim(mount_point: str | None) -> int | None:
         return trim_free_space(mount_point)
     except ThinmgrError:
         return None
+
+
+def _trim_stopped(mgr: Manager, src: _Source) -> int | None:
+    """A stopped container's disk (thinmgr's own ext4) mounted briefly on the host to trim it.
+
+    Build-and-clean-up commands (install, then delete caches) are usually committed after
+    they exit; without this their deleted files would stay in the layer. Done under the pool
+    lock, so that nothing else activates or removes the device meanwhile; the device is left
+    as active or inactive as it was. Failures only skip the saving (``_trim``).
+    """
+    from thinmgr.kernel.trim import trim_free_space
+
+    try:
+        with mgr.writing(src.pool) as h:
+            was_active = h.engine.volume_status(h.spec, src.device.thin_id).active
+            path = layer_store.activate(mgr, h, src.device)
+            try:
+                with layer_store.mounted(path, h.spec.run_dir) as point:
+                    trimmed = trim_free_space(str(point))
+                layer_store.flush_device(path)
+            finally:
+                if not was_active:
+                    layer_store.deactivate(mgr, h, src.device)
+    except ThinmgrError:
+        return None
+    return trimmed
 
 
 def get_device_or_none(session: Session, pool_id: int, name: str) -> Device | None:
