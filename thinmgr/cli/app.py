@@ -21,6 +21,7 @@ from thinmgr import __version__
 from thinmgr.cli.output import Settings
 from thinmgr.cli.snapopt import split_snap_args
 from thinmgr.errors import ExitCode, InternalError, IOFailure, ThinmgrError
+from thinmgr.service.protocol import command_word
 
 DEFAULT_HOME = Path("/var/lib/thinmgr")
 
@@ -63,21 +64,8 @@ REGISTRARS: dict[str, Callable[[typer.Typer], None]] = {
     "image": _group("image"),
     "commit": _command("commit"),
     **dict.fromkeys(("run", "exec", "ps", "stop", "rm", "logs"), _containers),
+    "service": _group("service"),
 }
-
-# Options of the root callback that take a value (the word after them is not a command).
-ROOT_VALUE_OPTIONS = ("--home",)
-
-
-def command_word(args: list[str]) -> str | None:
-    """The top-level command of a command line (``pool`` in ``--home X pool list``), if any."""
-    words = iter(args)
-    for arg in words:
-        if arg in ROOT_VALUE_OPTIONS:
-            next(words, None)
-        elif not arg.startswith("-"):
-            return arg
-    return None
 
 
 def build_app(word: str | None = None) -> typer.Typer:

@@ -28,7 +28,13 @@ GC_GEN0_THRESHOLD = 50_000
 IO_ERROR_EXIT = 10  # ExitCode.IO_ERROR (thinmgr.errors), not imported to keep start-up short
 
 
-def main(argv: list[str] | None = None) -> NoReturn:
+def main(argv: list[str] | None = None, *, use_service: bool = True) -> NoReturn:
+    """Runs the command line ``argv`` (default: sys.argv) and exits with its code.
+
+    With ``use_service``, a command service running for the command's home runs it instead
+    (cli/client.py); ``thinmgr service ...`` itself always runs here, and so do the service's
+    workers (``use_service=False``).
+    """
     args = sys.argv[1:] if argv is None else argv
     if args in (["--version"], ["-V"]):
         from thinmgr import __version__
@@ -44,11 +50,27 @@ def main(argv: list[str] | None = None) -> NoReturn:
                 "hint: Run it with standard output open (>/dev/null discards it).\n"
             )
         sys.exit(IO_ERROR_EXIT)
+    if use_service and _service_may_run(args):
+        from thinmgr.cli.client import run_via_service
+
+        code = run_via_service(args)
+        if code is not None:
+            leave(code)
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
     from thinmgr.cli.app import run
 
     leave(run(args))
+
+
+def _service_may_run(args: list[str]) -> bool:
+    """True when a service socket exists for the command's home (one stat(2), no imports
+    beyond the protocol's) and the command is not `service` itself."""
+    from thinmgr.service.protocol import command_word, home_of, socket_path
+
+    if command_word(args) == "service":
+        return False
+    return os.path.exists(socket_path(home_of(args, os.environ)))
 
 
 def leave(code: int) -> NoReturn:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from thinmgr.errors import BusyError, ConflictError, UnsupportedError, UsageError
 from thinmgr.kernel.errno_map import kernel_error
+from thinmgr.runtime import caller
 
 DEFAULT_PIDS_LIMIT = 4096
 PARENT_DIR = "thinmgr"
@@ -395,7 +396,7 @@ class ContainerCgroups:
             raise UsageError("device I/O limits need the container's block device")
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             layout = parse_layout(f.read())
-        with open("/proc/self/cgroup", encoding="utf-8", errors="surrogateescape") as f:
+        with open(caller.proc_file("cgroup"), encoding="utf-8", errors="surrogateescape") as f:
             own = parse_proc_cgroup(f.read())
         parents = caller_dirs(layout, own)
         if layout.version == 2:
@@ -786,7 +787,7 @@ def find_stale() -> dict[str, ContainerCgroups]:
     of containers whose supervisor died); ``doctor`` may remove() them."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         layout = parse_layout(f.read())
-    with open("/proc/self/cgroup", encoding="utf-8", errors="surrogateescape") as f:
+    with open(caller.proc_file("cgroup"), encoding="utf-8", errors="surrogateescape") as f:
         own = parse_proc_cgroup(f.read())
     by_name: dict[str, dict[str, str]] = {}
     for controller, parent in caller_dirs(layout, own).items():
