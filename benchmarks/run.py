@@ -11,7 +11,10 @@ image mounted through a loop device, as thinmgr's container sees it. thinmgr run
 - cold: nothing else of the pool is active, so every run starts the pool's FUSE server for
   the container's device and stops it at the end (the user engine's server lives only while
   one of its volumes is active);
-- warm: another volume of the pool is kept active meanwhile (the server stays up).
+- warm: another volume of the pool is kept active meanwhile (the server stays up);
+- service: warm, with `thinmgr service` running for the home, so that each
+  command is a thin client handing its command line to a worker forked from a process
+  that has thinmgr imported (cli/client.py, service/server.py).
 
 The goal is thinmgr <= 2x runc. The breakdown comes from ``THINMGR_TRACE_TIMINGS=1`` (phase
 times printed by `thinmgr run` itself); "interpreter + CLI + exit" is the wall time minus
@@ -153,8 +156,15 @@ def main() -> int:
             runc = [RUNC, "run", "--bundle", str(bundle)]
             cold, cold_phases = series("cold", thinmgr, runc, env, options.runs)
             sh(script, "volume", "activate", pool, "keep", env=env)
-            warm, warm_phases = series("warm", thinmgr, runc, env, options.runs)
-            sh(script, "volume", "deactivate", pool, "keep", env=env)
+            try:
+                warm, warm_phases = series("warm", thinmgr, runc, env, options.runs)
+                sh(script, "service", "start", env=env)
+                try:
+                    served, served_phases = series("service", thinmgr, runc, env, options.runs)
+                finally:
+                    sh(script, "service", "stop", env=env)
+            finally:
+                sh(script, "volume", "deactivate", pool, "keep", env=env)
         python = Timing("python -c pass")
         for _ in range(options.runs):
             python.samples.append(run_once([sys.executable, "-c", "pass"]))
@@ -162,15 +172,22 @@ def main() -> int:
         subprocess.run([script, "pool", "destroy", pool, "--force"], env=env, check=False)
         shutil.rmtree(work, ignore_errors=True)
 
-    report("run", [cold, warm])
+    report("run", [cold, warm, served])
     print(f"\npython -c pass: {ms(python.median)} ms (the floor of any Python command)")
-    names = list(dict.fromkeys([*cold_phases, *warm_phases]))
-    print(f"\n{'phase (median ms)':<28}{'cold':>10}{'warm':>10}")
+    names = list(dict.fromkeys([*cold_phases, *warm_phases, *served_phases]))
+    print(f"\n{'phase (median ms)':<34}{'cold':>8}{'warm':>8}{'service':>9}")
     for name in names:
-        print(f"{name:<28}{cold_phases.get(name, 0.0):>10.1f}{warm_phases.get(name, 0.0):>10.1f}")
+        values = (cold_phases.get(name, 0.0), warm_phases.get(name, 0.0),
+                  served_phases.get(name, 0.0))  # fmt: skip
+        print(f"{name:<34}{values[0]:>8.1f}{values[1]:>8.1f}{values[2]:>9.1f}")
     path = save_result(
         "run_breakdown",
-        {"cold_ms": cold_phases, "warm_ms": warm_phases, "python_pass": python.as_dict()},
+        {
+            "cold_ms": cold_phases,
+            "warm_ms": warm_phases,
+            "service_ms": served_phases,
+            "python_pass": python.as_dict(),
+        },
     )
     print(f"breakdown: {path}")
     return 0
