@@ -27,10 +27,13 @@ thinmgr pool create "$pool" --size 1G
 bash "$here/lib/busybox-rootfs.sh" "$home/busybox.tar.gz"
 thinmgr image import "$pool" busybox "$home/busybox.tar.gz"
 
-# The "application": appends a numbered record and rewrites a 256 KiB file, without pause.
+# The "application": appends a numbered record and rewrites a 256 KiB file in place, without
+# pause. In place (conv=notrunc) matters on a thin pool: a file truncated and written again
+# gets new blocks from ext4 each time, and without discard the pool never gets the old ones
+# back, so an endless rewriter fills any pool (`thinmgr pool status` shows it coming).
 step "A detached container that writes all the time" \
     thinmgr run --detach --name app busybox -- sh -c \
-    'i=0; while :; do i=$((i + 1)); echo "record $i" >>/records; dd if=/dev/urandom of=/state bs=64k count=4 2>/dev/null; done'
+    'i=0; while :; do i=$((i + 1)); echo "record $i" >>/records; dd if=/dev/urandom of=/state bs=64k count=4 conv=notrunc 2>/dev/null; done'
 sleep 1
 step "Snapshot its disk while it runs" thinmgr snapshot "$pool" ctr-app app-snap
 step "Commit it as an image while it runs" thinmgr commit app busybox:live

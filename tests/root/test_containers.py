@@ -302,3 +302,35 @@ def test_sigkill_of_foreground_run_is_reconciled(clean: Home) -> None:
             process.kill()
         process.wait()
     h.cli("rm", "victim")
+
+
+def test_full_pool_is_named_and_leaves_nothing(clean: Home) -> None:
+    """A container on a pool out of data space: its mount fails with a bare EIO from ext4 (the
+    first write of the snapshot needs a block); the error must name the full pool, and the
+    removal of the half-made container must not be deferred by the writes that failed."""
+    h = clean
+    pool = f"{h.pool}f"
+    h.cli("pool", "create", pool, "--size", "32M", "--engine", "user")
+    try:
+        h.cli("volume", "create", pool, "bb", "--size", "64M")
+        link = h.cli("volume", "activate", pool, "bb").stdout.strip()
+        subprocess.run(["mkfs.ext4", "-q", "-d", str(h.root / "tree"), link], check=True)
+        h.cli("volume", "deactivate", pool, "bb")
+        h.cli("volume", "create", pool, "filler", "--size", "64M")
+        filler = h.cli("volume", "activate", pool, "filler").stdout.strip()
+        filled = subprocess.run(
+            ["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "oflag=direct"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert "No space left" in filled.stderr, filled
+        failed = h.cli("run", "--rm", "--name", "full", f"{pool}/bb", "--", "true", check=False)
+        assert failed.returncode == 125, failed
+        assert f"pool {pool!r} is out of data space" in failed.stderr, failed.stderr
+        assert "thinmgr pool extend" in failed.stderr
+        volumes = {v["name"]: v for v in h.json("volume", "list", pool)}
+        assert set(volumes) == {"bb", "filler"}, volumes  # no ctr-full, not even "deleting"
+        loops = [line for line in h.loops() if f"/{pool}/" in line]
+        assert len(loops) == 1, loops  # the filler's alone
+    finally:
+        h.cli("volume", "deactivate", pool, "filler", check=False)
+        h.cli("pool", "destroy", pool, "--force", check=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from thinmgr.kernel.freeze import freeze, reachable_mount, thaw
+from thinmgr.kernel.freeze import freeze, hold_mount, thaw
 
 pytestmark = pytest.mark.root
 
@@ -53,23 +53,33 @@ def test_a_mount_in_another_namespace_is_reachable_and_freezable(
             assert holder.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         assert not os.path.ismount(target)  # invisible in our namespace
-        path = reachable_mount(ext4_loop)
-        assert path == f"/proc/{holder.pid}/root{target}"
-        freeze(path)
-        try:
-            # Frozen: a write from inside the namespace blocks until the thaw.
-            writer = subprocess.Popen(
-                ["nsenter", "-t", str(holder.pid), "-m", "sh", "-c", f"echo x > {target}/f"]
-            )
-            time.sleep(0.5)
-            assert writer.poll() is None
-        finally:
-            assert thaw(path)
-        assert writer.wait(timeout=10) == 0
+        held = hold_mount(ext4_loop)
+        assert held is not None
+        with held:
+            assert held.origin == f"/proc/{holder.pid}/root{target}"
+            freeze(held.path)
+            try:
+                # Frozen: a write from inside the namespace blocks until the thaw.
+                writer = subprocess.Popen(
+                    ["nsenter", "-t", str(holder.pid), "-m", "sh", "-c", f"echo x > {target}/f"]
+                )
+                time.sleep(0.5)
+                assert writer.poll() is None
+            finally:
+                assert thaw(held.path)
+            assert writer.wait(timeout=10) == 0
+            # The process it was found through exits (a container's short-lived process
+            # often is the one found): the held path still reaches the file system.
+            holder.kill()
+            holder.wait()
+            assert not Path(f"/proc/{holder.pid}/root{target}").exists()
+            freeze(held.path)
+            assert thaw(held.path)
+            assert os.path.exists(f"{held.path}/f")
     finally:
         holder.kill()
         holder.wait()
 
 
 def test_an_unmounted_device_is_not_reachable(ext4_loop: str) -> None:
-    assert reachable_mount(ext4_loop) is None
+    assert hold_mount(ext4_loop) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -112,25 +113,47 @@ def test_signatures(tmp_path: Path, offset: int, magic: bytes, what: str) -> Non
     assert signature_of(image) is None
 
 
-def test_freeze_always_thaws(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_freeze_always_thaws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(snapshots, "freeze", lambda mp: calls.append(f"freeze {mp}"))
-    monkeypatch.setattr(snapshots, "thaw", lambda mp: calls.append(f"thaw {mp}") or True)
-    with pytest.raises(ThinmgrError), snapshots.frozen("/mnt"):
+    fds: list[int] = []
+    monkeypatch.setattr(snapshots, "freeze_fd", lambda fd, what: calls.append(f"freeze {what}"))
+    monkeypatch.setattr(
+        snapshots, "thaw_fd", lambda fd, what: fds.append(fd) or calls.append(f"thaw {what}")
+    )
+    with pytest.raises(ThinmgrError), snapshots.frozen(str(tmp_path), label="/mnt"):
         calls.append("snapshot")
         raise ThinmgrError("engine failed")
     assert calls == ["freeze /mnt", "snapshot", "thaw /mnt"]
+    assert not _fd_is_open(fds[0])  # the one descriptor of freeze and thaw is closed
 
 
-def test_freeze_is_bounded_and_thaws_late(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_freeze_is_bounded_and_thaws_late(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import threading
 
     release = threading.Event()
-    thawed = threading.Event()
-    monkeypatch.setattr(snapshots, "freeze", lambda mp: release.wait(5))
-    monkeypatch.setattr(snapshots, "thaw", lambda mp: thawed.set() or True)
-    with pytest.raises(BusyError, match="took more than"), snapshots.frozen("/mnt", timeout=0.05):
+    thawed: list[int] = []
+    done = threading.Event()
+    monkeypatch.setattr(snapshots, "freeze_fd", lambda fd, what: release.wait(5))
+    monkeypatch.setattr(
+        snapshots, "thaw_fd", lambda fd, what: thawed.append(fd) or done.set() or True
+    )
+    with (
+        pytest.raises(BusyError, match="took more than"),
+        snapshots.frozen(str(tmp_path), timeout=0.05),
+    ):
         pass
-    assert not thawed.is_set()
-    release.set()  # the freeze finally returns: the worker thaws at once
-    assert thawed.wait(5)
+    assert not thawed
+    release.set()  # the freeze finally returns: the worker thaws at once, then closes
+    assert done.wait(5)
+    deadline = time.monotonic() + 5
+    while _fd_is_open(thawed[0]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _fd_is_open(thawed[0])

@@ -82,6 +82,11 @@ def catalog_path(home: Path) -> Path:
     return home / CATALOG_FILE
 
 
+# Connection pools a forked child inherited (``Catalog.after_fork_in_child``): referenced
+# for the life of the process so that their connections are never closed in it.
+_INHERITED_POOLS: list[object] = []
+
+
 @dataclass(frozen=True)
 class Catalog:
     """An open catalog: an engine and the sessions made from it.
@@ -114,6 +119,26 @@ class Catalog:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def before_fork(self) -> None:
+        """Close the pooled connections, so that a child forked next inherits none.
+
+        SQLite connections must not cross fork() (sqlite.org/howtocorrupt.html, 2.6): the
+        child would share their descriptors and SQLite's per-file lock bookkeeping. New
+        connections are opened on the next use, in the parent and in the child alike.
+        """
+        self.engine.dispose()
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: use new connections, and never close inherited ones.
+
+        Closing any descriptor of a file drops all of this process's POSIX locks on it, the
+        locks of the child's own new connections included (howtocorrupt.html, 2.2); another
+        process could then reset the WAL under the child's writes and lose them. The old
+        pool is kept referenced until the process ends, so nothing of it is closed early.
+        """
+        _INHERITED_POOLS.append(self.engine.pool)
+        self.engine.dispose(close=False)
 
     def __enter__(self) -> Catalog:
         return self

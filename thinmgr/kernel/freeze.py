@@ -84,20 +84,61 @@ def mounts_of(device: str | os.PathLike[str], mounts: list[Mount] | None = None)
     return [m for m in (read_mounts() if mounts is None else mounts) if m.device == number]
 
 
-def reachable_mount(device: str | os.PathLike[str]) -> str | None:
-    """A path, usable from this process, to a mount of ``device`` in any mount namespace.
+class HeldMount:
+    """A directory of a mounted file system, held open by this process.
+
+    ``path`` (``/proc/self/fd/N``) reaches the mount for as long as the holder is open, even
+    when it was found through another process (``hold_mount``) that has exited since: a
+    short-lived process of a container is often the first one a scan meets.
+    """
+
+    def __init__(self, fd: int, origin: str) -> None:
+        self.fd = fd
+        self.origin = origin  # the path it was opened by, for messages
+
+    @property
+    def path(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> HeldMount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_directory(path: str) -> int:
+    """An O_RDONLY descriptor of a directory: what FIFREEZE, FITHAW and FITRIM are issued on."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise kernel_error(f"open {path}", exc) from exc
+
+
+def hold_path(path: str) -> HeldMount:
+    return HeldMount(open_directory(path), path)
+
+
+def hold_mount(device: str | os.PathLike[str]) -> HeldMount | None:
+    """A held mount of ``device`` in any mount namespace; None when it is mounted nowhere.
 
     A container's root file system is mounted only inside the container's own mount
     namespace, so it never shows in our mountinfo; a live snapshot must still freeze it. A
     process in that namespace exposes it as ``/proc/PID/root`` + its mount point (the magic
-    link resolves in the process's namespace, mounts included). Each namespace is read once.
+    link resolves in the process's namespace, mounts included). Each namespace is read once;
+    a process that exits before its root is opened is passed over for the next one.
     """
     number = device_number(device)
     if number is None:
         return None
     here = [m for m in read_mounts() if m.device == number]
     if here:
-        return here[0].mount_point
+        return hold_path(here[0].mount_point)
     seen: set[str] = set()
     with contextlib.suppress(OSError):
         seen.add(os.readlink("/proc/self/ns/mnt"))
@@ -108,23 +149,26 @@ def reachable_mount(device: str | os.PathLike[str]) -> str | None:
             namespace = os.readlink(f"/proc/{entry.name}/ns/mnt")
             if namespace in seen:
                 continue
-            seen.add(namespace)
             text = Path(f"/proc/{entry.name}/mountinfo").read_text(
                 encoding="utf-8", errors="surrogateescape"
             )
         except OSError:
             continue  # gone, or a kernel thread
         for mount in parse_mountinfo(text):
-            if mount.device == number:
-                return f"/proc/{entry.name}/root{mount.mount_point.rstrip('/')}"
+            if mount.device != number:
+                continue
+            path = f"/proc/{entry.name}/root{mount.mount_point.rstrip('/')}"
+            try:
+                return HeldMount(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), path)
+            except OSError:
+                break  # the process went away: another one of its namespace may serve
+        else:
+            seen.add(namespace)
     return None
 
 
 def _ioctl_on(mount_point: str, request: int, what: str) -> None:
-    try:
-        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise kernel_error(f"open {mount_point}", exc) from exc
+    fd = open_directory(mount_point)
     try:
         fcntl.ioctl(fd, request, 0)
     except OSError as exc:
@@ -138,18 +182,29 @@ def freeze(mount_point: str) -> None:
     _ioctl_on(mount_point, FIFREEZE, "freeze")
 
 
+def freeze_fd(fd: int, what: str) -> None:
+    """FIFREEZE on an open directory of the file system (``what`` names it in errors)."""
+    try:
+        fcntl.ioctl(fd, FIFREEZE, 0)
+    except OSError as exc:
+        raise kernel_error(f"freeze {what}", exc) from exc
+
+
 def thaw(mount_point: str) -> bool:
     """FITHAW; False when it was not frozen (EINVAL), which is not an error here."""
+    fd = open_directory(mount_point)
     try:
-        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise kernel_error(f"open {mount_point}", exc) from exc
+        return thaw_fd(fd, mount_point)
+    finally:
+        os.close(fd)
+
+
+def thaw_fd(fd: int, what: str) -> bool:
+    """FITHAW on an open directory; False when it was not frozen (EINVAL)."""
     try:
         fcntl.ioctl(fd, FITHAW, 0)
         return True
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             return False
-        raise kernel_error(f"thaw {mount_point}", exc) from exc
-    finally:
-        os.close(fd)
+        raise kernel_error(f"thaw {what}", exc) from exc

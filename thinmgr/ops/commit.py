@@ -21,9 +21,11 @@ A failure at any point removes the snapshot and whatever rows were made.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from thinmgr.catalog.models import Container, ContainerState, Device, Image, Layer, Pool
 from thinmgr.errors import ConflictError, NotFoundError, ThinmgrError, UsageError
-from thinmgr.kernel.freeze import reachable_mount
+from thinmgr.kernel.freeze import HeldMount, hold_mount, hold_path
 from thinmgr.ops import layer_store
 from thinmgr.ops.image_refs import parse_ref
 from thinmgr.ops.images import (
@@ -71,7 +73,8 @@ class CommitResult:
 class _Source:
     pool: str
     device: layer_store.LayerDevice
-    freeze_at: str | None  # a directory on the mounted file system, to freeze it
+    freeze_at: str | None  # a running container's root (/proc/PID/root), to freeze it
+    mounted_device: str | None  # a block device mounted somewhere (hold_mount finds it)
     stopped_container: bool  # a container's disk that no namespace mounts any more
     parent: layer_store.LayerDevice | None  # the parent layer's device
     parent_layer: int | None
@@ -123,14 +126,14 @@ def _describe(session: Session, mgr: Manager, text: str) -> _Source:
         image = session.scalars(select(Image).where(Image.top_layer_id == parent.id)).first()
         if image is not None:
             config = dict(image.config or {})
-    freeze_at = None
+    freeze_at = mounted_device = None
     if container is not None and container.state is ContainerState.RUNNING:
         freeze_at = f"/proc/{container.pid}/root"
     else:
         h = mgr.handle(pool)
         status = h.engine.volume_status(h.spec, device.thin_id)
         if status.active and status.device is not None:
-            freeze_at = reachable_mount(status.device)
+            mounted_device = str(status.device)
     parent_device = None if parent is None else layer_store.device_of(parent.device)
     if parent_device is not None and parent_device.size != device.virtual_size_bytes:
         raise ConflictError(
@@ -142,7 +145,8 @@ def _describe(session: Session, mgr: Manager, text: str) -> _Source:
         pool=pool.name,
         device=layer_store.device_of(device),
         freeze_at=freeze_at,
-        stopped_container=container is not None and freeze_at is None,
+        mounted_device=mounted_device,
+        stopped_container=container is not None and freeze_at is None and mounted_device is None,
         parent=parent_device,
         parent_layer=None if parent is None else parent.id,
         parent_chain=None if parent is None else parent.chain_id,
@@ -160,10 +164,12 @@ def commit(mgr: Manager, source: str, ref_text: str) -> CommitResult:
     with mgr.catalog.read() as session:
         refuse_existing(session, ref)
         src = _describe(session, mgr, source)
-    trimmed = _trim_stopped(mgr, src) if src.stopped_container else _trim(src.freeze_at)
-    temp_name = f"commit-{secrets.token_hex(6)}"
-    with mgr.writing(src.pool) as h:
-        snap = layer_store.create_snapshot(mgr, h, temp_name, src.device, freeze_at=src.freeze_at)
+    with _held(src) as held:
+        freeze_at = None if held is None else held.path
+        trimmed = _trim_stopped(mgr, src) if src.stopped_container else _trim(freeze_at)
+        temp_name = f"commit-{secrets.token_hex(6)}"
+        with mgr.writing(src.pool) as h:
+            snap = layer_store.create_snapshot(mgr, h, temp_name, src.device, freeze_at=freeze_at)
     made_layer: list[int] = []
     try:
         exported = change_digest(
@@ -231,6 +237,27 @@ def commit(mgr: Manager, source: str, ref_text: str) -> CommitResult:
         seconds=time.perf_counter() - started,
         trimmed_bytes=trimmed,
     )
+
+
+@contextlib.contextmanager
+def _held(src: _Source) -> Iterator[HeldMount | None]:
+    """The source's mounted file system, held open for the trim and the frozen snapshot.
+
+    Held, because the path it is reached by can stop resolving meanwhile: a container's
+    /proc/PID/root when it exits (then there is nothing mounted left to freeze), or the root
+    of whatever process ``hold_mount`` found the mount through.
+    """
+    held: HeldMount | None = None
+    if src.freeze_at is not None:
+        with contextlib.suppress(ThinmgrError):  # the container exited since: unmounted
+            held = hold_path(src.freeze_at)
+    elif src.mounted_device is not None:
+        held = hold_mount(src.mounted_device)
+    try:
+        yield held
+    finally:
+        if held is not None:
+            held.close()
 
 
 def _trim(mount_point: str | None) -> int | None:

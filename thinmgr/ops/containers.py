@@ -58,6 +58,7 @@ from thinmgr.catalog.models import (
 from thinmgr.errors import (
     BusyError,
     ConflictError,
+    NoSpaceError,
     NotFoundError,
     ThinmgrError,
     UsageError,
@@ -233,8 +234,9 @@ def run_container(
         with t.phase("catalog"):
             row = _insert_row(mgr, plan, options, detach)
             spec = _launch_spec(plan, options, rootfs, directory, detach)
-    except BaseException:
+    except BaseException as exc:
         _undo(mgr, plan, row, made_device, directory, owner_fd)
+        _blame_full_pool(mgr, plan.target.pool, exc)
         raise
 
     from thinmgr.runtime import launch
@@ -256,10 +258,11 @@ def run_container(
     def on_exit(code: int) -> None:
         exited_at.append(time.perf_counter())
         if os.getpid() != owner_pid:
-            # The detached supervisor: a forked copy of this process. SQLAlchemy's pooled
-            # connections must not be shared across fork (its docs, "Using Connection Pools
-            # with Multiprocessing or os.fork()"); new ones are made on demand.
-            mgr.catalog.engine.dispose(close=False)
+            # The detached supervisor: a forked copy of this process. The pool was emptied
+            # before the fork (below); whatever it holds now is not this process's to use or
+            # close (SQLAlchemy's docs, "Using Connection Pools with Multiprocessing or
+            # os.fork()", and Catalog.after_fork_in_child).
+            mgr.catalog.after_fork_in_child()
         # The launcher calls this only after a start (in the detached supervisor, a fork
         # taken before on_started ran in the caller: `started` is empty there).
         with t.phase("teardown"):
@@ -267,11 +270,17 @@ def run_container(
         if owner_fd is not None:
             os.close(owner_fd)  # the exit is recorded: `ps`/`stop`/`rm` may go on
 
+    if detach:
+        # The supervisor is a fork that writes to the catalog when the container exits: it
+        # must not inherit open SQLite connections (Catalog.before_fork): their descriptors
+        # and SQLite's lock bookkeeping would be shared with this process.
+        mgr.catalog.before_fork()
     try:
         code = launch.run(spec, detach=detach, on_started=on_started, on_exit=on_exit)
-    except BaseException:
+    except BaseException as exc:
         if not started:
             _undo(mgr, plan, row, made_device, directory, owner_fd)
+            _blame_full_pool(mgr, plan.target.pool, exc)
         raise
     if not started:
         # The launcher reported a setup failure as a status instead of raising.
@@ -286,6 +295,36 @@ def run_container(
     if exited_at:
         t.add("run", exited_at[0] - launch_start)
     return RunOutcome(plan.name, started[0].pid, code, list(started[0].warnings))
+
+
+def _blame_full_pool(mgr: Manager, pool: str, exc: BaseException) -> None:
+    """Raise a clearer error when ``exc`` is a set-up failure of a pool out of data space.
+
+    A snapshot's first write needs a new data block; when the pool has none, dm-thin fails
+    the write (ENOSPC, or EIO once no_space_timeout ends) and ext4 reports only "Input/output
+    error" from mount. The pool's mode says what really happened.
+    """
+    if not isinstance(exc, ThinmgrError) or isinstance(exc, NoSpaceError):
+        return
+    from thinmgr.engine.base import PoolMode
+    from thinmgr.ops.pools import pool_status
+    from thinmgr.runtime.launch import LaunchError
+
+    try:
+        status = pool_status(mgr, pool).status
+    except ThinmgrError:
+        return  # the original error stands
+    if status is None:
+        return
+    full = status.used_data_blocks >= status.total_data_blocks
+    if status.mode is not PoolMode.OUT_OF_DATA_SPACE and not full:
+        return
+    raise LaunchError(
+        f"{exc.message}: pool {pool!r} is out of data space "
+        f"({status.used_data_blocks} of {status.total_data_blocks} blocks used)",
+        hint=f"Extend it (`thinmgr pool extend {pool} --size SIZE`) or remove volumes and "
+        "containers it holds, then run the command again.",
+    ) from exc
 
 
 def _add_launch_parts(t: Timings, start: float, marks: dict[str, float]) -> None:

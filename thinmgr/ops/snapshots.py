@@ -11,6 +11,7 @@ as the freeze completes.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from thinmgr.catalog.models import Device, DeviceKind, DeviceState, Pool
 from thinmgr.errors import BusyError, ThinmgrError
-from thinmgr.kernel.freeze import freeze, reachable_mount, thaw
+from thinmgr.kernel.freeze import freeze_fd, hold_mount, open_directory, thaw_fd
 from thinmgr.ops import journal
 from thinmgr.ops.manager import Manager
 from thinmgr.ops.naming import check_name
@@ -29,12 +30,13 @@ from thinmgr.ops.volumes import VolumeInfo, _usable, allocate, show_volume
 FREEZE_TIMEOUT = 10.0
 
 
-def _freeze_bounded(mount_point: str, timeout: float) -> None:
-    """FIFREEZE in a worker thread, waited for at most ``timeout`` seconds.
+def _freeze_bounded(fd: int, what: str, timeout: float) -> None:
+    """FIFREEZE of the file system of ``fd`` in a worker thread, waited for ``timeout`` s.
 
     The ioctl cannot be interrupted; when we stop waiting, the worker thaws the filesystem
-    itself once its freeze returns (the thread is not a daemon, so the interpreter waits for
-    it at exit and the thaw is never skipped).
+    itself once its freeze returns, and then closes ``fd``, which it owns from then on (the
+    thread is not a daemon, so the interpreter waits for it at exit and the thaw is never
+    skipped). Otherwise ``fd`` stays the caller's.
     """
     guard = threading.Lock()
     done = threading.Event()
@@ -43,13 +45,15 @@ def _freeze_bounded(mount_point: str, timeout: float) -> None:
 
     def work() -> None:
         try:
-            freeze(mount_point)
+            freeze_fd(fd, what)
         except ThinmgrError as exc:
             failure.append(exc)
         with guard:
-            if abandoned and not failure:
-                with contextlib.suppress(ThinmgrError):
-                    thaw(mount_point)
+            if abandoned:
+                if not failure:
+                    with contextlib.suppress(ThinmgrError):
+                        thaw_fd(fd, what)
+                os.close(fd)
             done.set()
 
     threading.Thread(target=work, name="thinmgr-freeze").start()
@@ -58,7 +62,7 @@ def _freeze_bounded(mount_point: str, timeout: float) -> None:
             if not done.is_set():
                 abandoned = True
                 raise BusyError(
-                    f"freezing {mount_point} took more than {timeout:g} s",
+                    f"freezing {what} took more than {timeout:g} s",
                     hint="The filesystem is flushing a lot of dirty data; try again, or "
                     "sync first.",
                 )
@@ -67,16 +71,34 @@ def _freeze_bounded(mount_point: str, timeout: float) -> None:
 
 
 @contextmanager
-def frozen(mount_point: str | None, timeout: float = FREEZE_TIMEOUT) -> Iterator[None]:
-    """The filesystem at ``mount_point`` frozen while the context lasts (nothing if None)."""
+def frozen(
+    mount_point: str | None, timeout: float = FREEZE_TIMEOUT, *, label: str | None = None
+) -> Iterator[None]:
+    """The filesystem at ``mount_point`` frozen while the context lasts (nothing if None);
+    ``label`` names it in errors when the path says little (``/proc/self/fd/N``).
+
+    One descriptor serves freeze and thaw: the thaw must not depend on the path still
+    resolving (``/proc/PID/root`` of a process that may exit meanwhile).
+    """
     if mount_point is None:
         yield
         return
-    _freeze_bounded(mount_point, timeout)
+    what = label or mount_point
+    fd = open_directory(mount_point)
+    try:
+        _freeze_bounded(fd, what, timeout)
+    except BusyError:
+        raise  # abandoned: the worker owns fd now
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         yield
     finally:
-        thaw(mount_point)
+        try:
+            thaw_fd(fd, what)
+        finally:
+            os.close(fd)
 
 
 def create_snapshot(
@@ -88,10 +110,11 @@ def create_snapshot(
             source = _usable(session, session.get_one(Pool, h.id), origin)
             origin_row, origin_dev, size = source.id, source.thin_id, source.virtual_size_bytes
         status = h.engine.volume_status(h.spec, origin_dev)
-        mount_point = None
+        held = None
         if status.active and status.device is not None:
             # Also a container's root, mounted only in the container's mount namespace.
-            mount_point = reachable_mount(status.device)
+            held = hold_mount(status.device)
+        mount_point, label = (None, None) if held is None else (held.path, held.origin)
 
         def prepare(session: Session, pool: Pool) -> dict[str, Any]:
             dev_id = allocate(session, pool, name)
@@ -114,8 +137,12 @@ def create_snapshot(
             if not status.active:
                 h.engine.create_snapshot(h.spec, dev_id, origin_dev)
                 return
-            with frozen(mount_point), h.engine.suspended(h.spec, origin_dev):
+            with frozen(mount_point, label=label), h.engine.suspended(h.spec, origin_dev):
                 h.engine.create_snapshot(h.spec, dev_id, origin_dev)
 
-        journal.execute(mgr, h, journal.CREATE_SNAPSHOT, prepare, apply)
+        try:
+            journal.execute(mgr, h, journal.CREATE_SNAPSHOT, prepare, apply)
+        finally:
+            if held is not None:
+                held.close()
     return show_volume(mgr, pool_name, name, engine=False)

@@ -11,6 +11,7 @@ file, direct I/O on the loop device, 4 KiB logical blocks).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from thinmgr.errors import BusyError, ConflictError, IOFailure, ThinmgrError
 from thinmgr.kernel import loop
 
 FUSE_SUBDIR = "fuse"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,14 @@ class BlockDevice:
         """
         if self._loop_fd >= 0:
             self._refuse_if_busy()
-            self.flush()
+            try:
+                self.flush()
+            except IOFailure as exc:
+                # Writes that already failed (pool out of data space, a backend error) are
+                # reported once by fsync and their pages left clean: no retry would write
+                # them, so refusing to detach would save nothing. dm's remove does not fail
+                # on earlier I/O errors either. The writers saw the error; the log keeps it.
+                log.warning("detaching %s after failed writes: %s", self.link, exc)
             loop.detach(self._loop_fd, self.device)
             os.close(self._loop_fd)
             self._loop_fd = -1

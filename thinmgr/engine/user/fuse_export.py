@@ -198,6 +198,9 @@ class FuseExport:
                 self._backend_failed(unique, repr(exc))
 
     def _backend_failed(self, unique: int, message: str) -> None:
+        # Logged as well as kept: the reader sees only EIO (a mount fails with "Input/output
+        # error"), so the pool server's log is where the cause must be found.
+        log.error("%s: request failed with EIO: %s", self.file_path, message)
         self.errors.append(message)
         self._reply_error(unique, errno.EIO)
 
