@@ -334,3 +334,32 @@ def test_full_pool_is_named_and_leaves_nothing(clean: Home) -> None:
     finally:
         h.cli("volume", "deactivate", pool, "filler", check=False)
         h.cli("pool", "destroy", pool, "--force", check=False)
+
+
+def test_writes_of_the_detached_supervisor_are_kept(clean: Home) -> None:
+    """The supervisor of a detached container is a fork of `thinmgr run`; when the container
+    ends it records the exit and, under the pool lock, finishes pending work, here a removal
+    deferred while the device was busy. An earlier build forked it with open SQLite
+    connections, and its writes were lost once another thinmgr process closed the catalog:
+    the pool had deleted the device, the catalog never knew (doctor: transaction-id-drift)."""
+    h = clean
+    h.cli("run", "--detach", "--name", "sup", "bb", "--", "sleep", "600")
+    h.cli("volume", "create", h.pool, "held", "--size", "16M")
+    device = h.cli("volume", "activate", h.pool, "held").stdout.strip()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_RDONLY | "
+         "os.O_EXCL); print('held', flush=True); time.sleep(600)", device],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        removed = h.cli("volume", "remove", h.pool, "held", "--force")
+        assert "deferred" in removed.stderr, removed
+        assert h.devices()["held"]["state"] == "deleting"
+    finally:
+        holder.kill()
+        holder.wait()
+    h.cli("rm", "-f", "sup")  # the supervisor finishes the removal as it deactivates
+    assert "held" not in h.devices()
+    doctor = h.cli("doctor", check=False)
+    assert doctor.returncode == 0 and "agree" in doctor.stdout, doctor

@@ -273,7 +273,10 @@ def run_container(
     if detach:
         # The supervisor is a fork that writes to the catalog when the container exits: it
         # must not inherit open SQLite connections (Catalog.before_fork): their descriptors
-        # and SQLite's lock bookkeeping would be shared with this process.
+        # and SQLite's lock bookkeeping would be shared with this process. When it did, its
+        # writes were lost after another thinmgr process closed the catalog: the pool carried
+        # out a deferred removal that the catalog never recorded (drift, found in testing;
+        # tests/root/test_containers.py, test_writes_of_the_detached_supervisor_are_kept).
         mgr.catalog.before_fork()
     try:
         code = launch.run(spec, detach=detach, on_started=on_started, on_exit=on_exit)
