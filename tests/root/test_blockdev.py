@@ -7,7 +7,9 @@ Every test checks that it leaves no loop device and no FUSE mount behind (``lose
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ import pytest
 
 from thinmgr.engine.user.backend import BlockBackend, BytesLike, FileBackend
 from thinmgr.engine.user.blockdev import BlockDevice, attach
-from thinmgr.errors import BusyError, ConflictError
+from thinmgr.errors import BusyError, ConflictError, IOFailure
 
 pytestmark = pytest.mark.root
 
@@ -209,5 +211,44 @@ def test_failed_attach_leaves_nothing(harness: Harness, tmp_path: Path) -> None:
     taken.write_text("not a symlink")
     with pytest.raises(ConflictError):
         harness.attach(backend)
+    assert leftovers(tmp_path) == []
+    backend.close()
+
+
+class FailingBackend(FileBackend):
+    """FileBackend whose writes fail (an I/O error of the backend) once ``failing`` is set."""
+
+    failing = False
+
+    def write(self, offset: int, data: BytesLike) -> None:
+        if self.failing:
+            raise IOFailure("injected write failure")
+        super().write(offset, data)
+
+
+def test_failed_writes_are_eio_logged_and_do_not_hold_the_device(
+    harness: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Buffered writes that fail at writeback reach the writer's fsync as EIO, the pool
+    server's log says why (once a second, not once a request), and detaching the device
+    afterwards is not refused: fsync reports failed writeback once and no retry could
+    write those pages (the case of a pool out of data space under a container)."""
+    backend = FailingBackend(tmp_path / "backing.img", size=SIZE)
+    block = harness.attach(backend)
+    backend.failing = True
+    with caplog.at_level(logging.ERROR, logger="thinmgr.engine.user.fuse_export"):
+        fd = os.open(block.device, os.O_WRONLY)
+        try:
+            for _ in range(64):
+                os.write(fd, b"x" * 65536)  # the loop device's page cache takes them
+            with pytest.raises(OSError) as failed:
+                os.fsync(fd)
+            assert failed.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        block.detach()
+    logged = [r.getMessage() for r in caplog.records if "failed with EIO" in r.getMessage()]
+    assert logged and "injected write failure" in logged[0]
+    assert len(logged) <= 3, logged  # the writeback was many requests within a second or two
     assert leftovers(tmp_path) == []
     backend.close()

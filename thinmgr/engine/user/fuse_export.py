@@ -37,6 +37,7 @@ _FILE_INO = 2
 _ATTR_TTL = 3600  # seconds: size and mode change only through this server
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
+_KEPT_ERRORS = 100  # failures kept in ``errors``; the log has the count of the rest
 
 Handler = Callable[[memoryview, int, int, int], None]
 
@@ -73,6 +74,9 @@ class FuseExport:
         self._stopping = False
         self._max_write = MAX_WRITE
         self.errors: list[str] = []  # backend failures answered with EIO, for the owner to see
+        self._log_guard = threading.Lock()
+        self._logged_at = -1.0e9  # monotonic time of the last failure logged
+        self._unlogged = 0
         self._handlers: dict[int, Handler] = {
             k.FUSE_INIT: self._init,
             k.FUSE_LOOKUP: self._lookup,
@@ -199,9 +203,18 @@ class FuseExport:
 
     def _backend_failed(self, unique: int, message: str) -> None:
         # Logged as well as kept: the reader sees only EIO (a mount fails with "Input/output
-        # error"), so the pool server's log is where the cause must be found.
-        log.error("%s: request failed with EIO: %s", self.file_path, message)
-        self.errors.append(message)
+        # error"), so the pool server's log is where the cause must be found. At most one
+        # line a second: a failing device can fail thousands of requests a second.
+        now = time.monotonic()
+        with self._log_guard:
+            if now - self._logged_at >= 1.0:
+                more = f" (and {self._unlogged} more since)" if self._unlogged else ""
+                log.error("%s: request failed with EIO: %s%s", self.file_path, message, more)
+                self._logged_at, self._unlogged = now, 0
+            else:
+                self._unlogged += 1
+            if len(self.errors) < _KEPT_ERRORS:
+                self.errors.append(message)
         self._reply_error(unique, errno.EIO)
 
     def _reply(self, unique: int, *payload: bytes | memoryview) -> None:
