@@ -491,3 +491,49 @@ def test_doctor_frees_a_loop_device_leaked_by_a_killed_server(env: Env) -> None:
     env.cli("doctor", "--fix", check=False)
     assert json.loads(env.cli("--json", "doctor").stdout)["ok"]
     env.cli("pool", "destroy", pool, "--force")
+
+
+def _wait_server_gone(env: Env, pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_sigterm_stops_a_server_cleanly_unless_a_volume_is_in_use(env: Env) -> None:
+    """SIGTERM (kill, a shutdown) commits at once; a server whose volumes nothing uses then
+    detaches them and stops, leaving no dead FUSE mount; one with a mounted volume stays up
+    and says why in its log. `pool activate` brings the volumes back, as after a reboot."""
+    pool = env.pool_name("tm")
+    env.cli("pool", "create", pool, "--size", "256M")
+    env.cli("volume", "create", pool, "a", "--size", "64M")
+    env.cli("volume", "create", pool, "b", "--size", "64M")
+    link = env.cli("volume", "activate", pool, "a").stdout.strip()
+    env.cli("volume", "activate", pool, "b")
+    run("mkfs.ext4", "-q", link)
+    point = env.mount(link, "a")
+    (point / "kept").write_text("written before SIGTERM\n")
+    [pid] = env._server_pids()
+    log = env.home / "run" / pool / "server.log"
+
+    os.kill(pid, signal.SIGTERM)  # a is mounted: refused
+    deadline = time.monotonic() + 10
+    while "staying up" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "staying up, volumes in use: a" in log.read_text()
+    assert Path(f"/proc/{pid}").exists()
+    env.umount(point)
+
+    os.kill(pid, signal.SIGTERM)  # nothing in use now: detach both and stop
+    assert _wait_server_gone(env, pid), "the server did not stop on SIGTERM"
+    assert env.leftovers() == []  # no loop device, no FUSE mount, no link
+    env.cli("pool", "activate", pool)
+    states = {v["name"]: v["state"] for v in env.json("volume", "list", pool)}
+    assert states == {"a": "active", "b": "active"}, states
+    point = env.mount(link, "a")
+    assert (point / "kept").read_text() == "written before SIGTERM\n"
+    env.umount(point)
+    env.cli("volume", "deactivate", pool, "a")
+    env.cli("volume", "deactivate", pool, "b")
+    assert_agree(env.home, pool)
+    env.cli("pool", "destroy", pool, "--force")

@@ -84,6 +84,16 @@ class BlockDevice:
         with contextlib.suppress(OSError):
             self.export.mountpoint.rmdir()
 
+    def in_use(self) -> bool:
+        """Whether a file system or a stacked device holds the device (detach would refuse)."""
+        if self._loop_fd < 0:
+            return False
+        try:
+            self._refuse_if_busy()
+        except BusyError:
+            return True
+        return False
+
     def _refuse_if_busy(self) -> None:
         # An O_EXCL open of a block device fails with EBUSY while a file system (or anything
         # else) has claimed it; LOOP_CLR_FD itself would only defer (autoclear) and succeed.

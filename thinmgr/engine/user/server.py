@@ -196,6 +196,7 @@ class PoolServer:
         self._mutex = threading.RLock()
         self._commit_lock = threading.Lock()
         self._stop = threading.Event()
+        self._terminate_requested = False  # set by the SIGTERM handler
         self._stopped = threading.Event()  # _shutdown has finished: the pool is closed
         self._committed_changes = 0
         self._messages_since_commit = False
@@ -345,6 +346,32 @@ class PoolServer:
                 )
             self._shutdown()
 
+    def request_termination(self) -> None:
+        """SIGTERM's handler: only note it; the accepting thread acts (``_terminate``)."""
+        self._terminate_requested = True
+
+    def _terminate(self) -> None:
+        """SIGTERM: commit at once, then stop as ``stop`` does, detaching the active volumes
+        first, unless one is in use (a mounted file system, a device stacked on it): the
+        I/O of its user would fail, so the server stays up and says why in its log. The
+        catalog still has the volumes active: `thinmgr pool activate` brings them back, as
+        after a reboot (``volumes.reactivate``)."""
+        with self._mutex:
+            self._messages_since_commit = True
+            self.commit()
+            busy = [v.name for v in self.volumes.values() if v.block.in_use()]
+            if busy:
+                log.warning(
+                    "SIGTERM: staying up, volumes in use: %s (metadata committed; "
+                    "deactivate them, or stop what uses them, and send SIGTERM again)",
+                    ", ".join(busy),
+                )
+                return
+            for dev_id in list(self.volumes):
+                self.deactivate(dev_id)
+            log.info("SIGTERM: volumes detached, stopping")
+            self._shutdown()
+
     def _message(self, method: str) -> Callable[..., Any]:
         def run(**args: Any) -> Any:
             # the arguments arrive named, in the pool method's positional order
@@ -420,6 +447,13 @@ class PoolServer:
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
+                if self._terminate_requested:
+                    self._terminate_requested = False
+                    try:
+                        self._terminate()
+                    except ThinmgrError as exc:
+                        log.error("SIGTERM: cannot stop: %s", exc)
+                    continue
                 self._stop_when_idle()
                 continue
             except OSError:
@@ -560,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     except ThinmgrError as exc:
         log.error("cannot start: %s", exc)
         return int(exc.exit_code)
+    # SIGTERM (kill, systemd, a shutdown) stops the server cleanly when nothing uses its
+    # volumes; the default action would leave dead FUSE mounts behind.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: server.request_termination())
     try:
         server.serve()
     finally:
