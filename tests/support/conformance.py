@@ -136,12 +136,14 @@ def check_thin_lifecycle(engine: Engine, make_spec: SpecFactory) -> None:
         active = engine.volume_status(spec, 1)
         assert active.active and active.device is not None
         assert (active.mapped_blocks, active.highest_mapped_block) == (2, 3)
+        assert engine.volume_device(spec, 1) == active.device  # the cheap question
         assert engine.pool_status(spec).used_data_blocks == 2
 
         engine.deactivate_volume(spec, 1)
         engine.deactivate_volume(spec, 1)  # idempotent
         inactive = engine.volume_status(spec, 1)
         assert not inactive.active and inactive.device is None
+        assert engine.volume_device(spec, 1) is None
         assert (inactive.mapped_blocks, inactive.highest_mapped_block) == (2, 3)
 
         device = _volume(engine, spec, 1, 16)  # the data survives a reactivation

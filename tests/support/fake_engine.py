@@ -268,6 +268,10 @@ class FakeEngine:
                 raise UsageError("fake engine: volumes only grow")
             volume["size"] = size_bytes
 
+    def volume_device(self, spec: PoolSpec, dev_id: int) -> Path | None:
+        volume = load(spec.run_dir)["volumes"].get(str(dev_id))
+        return Path(volume["device"]) if volume else None
+
     def volume_status(self, spec: PoolSpec, dev_id: int) -> VolumeStatus:
         state = load(spec.run_dir)
         device = state["devices"].get(str(dev_id))

@@ -135,6 +135,15 @@ class Engine(Protocol):
 
     def volume_status(self, spec: PoolSpec, dev_id: int) -> VolumeStatus: ...
 
+    def volume_device(self, spec: PoolSpec, dev_id: int) -> Path | None:
+        """The block device of an active volume, None when it is inactive.
+
+        The cheap part of ``volume_status`` for the many callers that only ask "active, and
+        where": no mapping counts (a walk of the mapping tree for an inactive volume on the
+        kernel engine) and no count of openers (a scan of every process's descriptors on
+        the user engine)."""
+        ...
+
     def suspended(self, spec: PoolSpec, dev_id: int) -> AbstractContextManager[None]:
         """Hold new I/O to an active volume and flush what is in flight, until exit.
 

@@ -131,9 +131,9 @@ def _describe(session: Session, mgr: Manager, text: str) -> _Source:
         freeze_at = f"/proc/{container.pid}/root"
     else:
         h = mgr.handle(pool)
-        status = h.engine.volume_status(h.spec, device.thin_id)
-        if status.active and status.device is not None:
-            mounted_device = str(status.device)
+        active_device = h.engine.volume_device(h.spec, device.thin_id)
+        if active_device is not None:
+            mounted_device = str(active_device)
     parent_device = None if parent is None else layer_store.device_of(parent.device)
     if parent_device is not None and parent_device.size != device.virtual_size_bytes:
         raise ConflictError(
@@ -290,7 +290,7 @@ def _trim_stopped(mgr: Manager, src: _Source) -> int | None:
 
     try:
         with mgr.writing(src.pool) as h:
-            was_active = h.engine.volume_status(h.spec, src.device.thin_id).active
+            was_active = h.engine.volume_device(h.spec, src.device.thin_id) is not None
             path = layer_store.activate(mgr, h, src.device)
             try:
                 with layer_store.mounted(path, h.spec.run_dir) as point:

@@ -561,10 +561,10 @@ def _create_device(mgr: Manager, plan: _Plan) -> None:
         with mgr.catalog.read() as session:
             source = get_device(session, h.id, origin)
             origin_row, origin_dev, size = source.id, source.thin_id, source.virtual_size_bytes
-        status = h.engine.volume_status(h.spec, origin_dev)
+        active_device = h.engine.volume_device(h.spec, origin_dev)
         mount_point = None
-        if status.active and status.device is not None:
-            mounts = mounts_of(status.device)
+        if active_device is not None:
+            mounts = mounts_of(active_device)
             mount_point = mounts[0].mount_point if mounts else None
 
         def prepare(session: Session, pool: Pool) -> dict[str, Any]:
@@ -585,7 +585,7 @@ def _create_device(mgr: Manager, plan: _Plan) -> None:
 
         def apply(payload: dict[str, Any]) -> None:
             dev_id = int(payload["dev_id"])
-            if not status.active:
+            if active_device is None:
                 h.engine.create_snapshot(h.spec, dev_id, origin_dev)
                 return
             with frozen(mount_point), h.engine.suspended(h.spec, origin_dev):

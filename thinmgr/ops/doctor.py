@@ -177,7 +177,7 @@ def _compare(mgr: Manager, h: PoolHandle, held: int | None, *, fix: bool) -> lis
             continue
         if row.state not in (DeviceState.ACTIVE, DeviceState.INACTIVE):
             continue
-        active = h.engine.volume_status(h.spec, row.thin_id).active
+        active = h.engine.volume_device(h.spec, row.thin_id) is not None
         if active != (row.state is DeviceState.ACTIVE):
             truth = DeviceState.ACTIVE if active else DeviceState.INACTIVE
             finding = Finding(
@@ -191,7 +191,7 @@ def _compare(mgr: Manager, h: PoolHandle, held: int | None, *, fix: bool) -> lis
 
 
 def _delete_orphan(mgr: Manager, h: PoolHandle, dev_id: int) -> None:
-    if h.engine.volume_status(h.spec, dev_id).active:
+    if h.engine.volume_device(h.spec, dev_id) is not None:
         journal.deactivate_with_retries(h, dev_id, force=False)
     journal.execute(
         mgr,

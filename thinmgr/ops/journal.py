@@ -278,7 +278,7 @@ def remove_device(
         device = session.get_one(Device, device_row)
         dev_id, name = device.thin_id, device.name
         device.state = DeviceState.DELETING
-    if h.engine.volume_status(h.spec, dev_id).active:
+    if h.engine.volume_device(h.spec, dev_id) is not None:
         try:
             deactivate_with_retries(h, dev_id, force=force, retry=retry)
         except BusyError as exc:

@@ -158,7 +158,7 @@ def create_snapshot(
 
     def apply(payload: dict[str, Any]) -> None:
         dev_id = int(payload["dev_id"])
-        if not h.engine.volume_status(h.spec, origin.thin_id).active:
+        if h.engine.volume_device(h.spec, origin.thin_id) is None:
             h.engine.create_snapshot(h.spec, dev_id, origin.thin_id)
             return
         with frozen(freeze_at), h.engine.suspended(h.spec, origin.thin_id):
@@ -181,7 +181,7 @@ def activate(mgr: Manager, h: PoolHandle, device: LayerDevice) -> Path:
 def deactivate(mgr: Manager, h: PoolHandle, device: LayerDevice) -> None:
     """Commit: the engine flushes and hides the device (containerd: suspend, resume,
     deactivate)."""
-    if h.engine.volume_status(h.spec, device.thin_id).active:
+    if h.engine.volume_device(h.spec, device.thin_id) is not None:
         journal.deactivate_with_retries(h, device.thin_id, force=False)
     with mgr.catalog.write() as session:
         session.get_one(Device, device.row).state = DeviceState.INACTIVE

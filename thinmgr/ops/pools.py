@@ -398,7 +398,7 @@ def _active_volumes(mgr: Manager, h: PoolHandle) -> list[str]:
         devices = session.execute(
             select(Device.name, Device.thin_id).where(Device.pool_id == h.id)
         ).all()
-    return [n for n, dev_id in devices if h.engine.volume_status(h.spec, dev_id).active]
+    return [n for n, dev_id in devices if h.engine.volume_device(h.spec, dev_id) is not None]
 
 
 def destroy_pool(mgr: Manager, name: str, *, force: bool = False) -> None:
@@ -422,7 +422,9 @@ def destroy_pool(mgr: Manager, name: str, *, force: bool = False) -> None:
             )
         status = _status_or_none(h)
         if status is not None and status.active:
-            active = [d.name for d in devices if h.engine.volume_status(h.spec, d.thin_id).active]
+            active = [
+                d.name for d in devices if h.engine.volume_device(h.spec, d.thin_id) is not None
+            ]
             if active:
                 raise BusyError(
                     f"pool {name!r} has active volumes: {', '.join(active[:10])}",

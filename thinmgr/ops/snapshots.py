@@ -109,11 +109,11 @@ def create_snapshot(
         with mgr.catalog.read() as session:
             source = _usable(session, session.get_one(Pool, h.id), origin)
             origin_row, origin_dev, size = source.id, source.thin_id, source.virtual_size_bytes
-        status = h.engine.volume_status(h.spec, origin_dev)
+        active_device = h.engine.volume_device(h.spec, origin_dev)
         held = None
-        if status.active and status.device is not None:
+        if active_device is not None:
             # Also a container's root, mounted only in the container's mount namespace.
-            held = hold_mount(status.device)
+            held = hold_mount(active_device)
         mount_point, label = (None, None) if held is None else (held.path, held.origin)
 
         def prepare(session: Session, pool: Pool) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def create_snapshot(
 
         def apply(payload: dict[str, Any]) -> None:
             dev_id = int(payload["dev_id"])
-            if not status.active:
+            if active_device is None:
                 h.engine.create_snapshot(h.spec, dev_id, origin_dev)
                 return
             with frozen(mount_point, label=label), h.engine.suspended(h.spec, origin_dev):

@@ -167,7 +167,7 @@ def resize_volume(mgr: Manager, pool_name: str, name: str, size: int) -> VolumeI
             # Recorded first: a crash leaves the catalog bigger, and the next activation
             # gives the volume the size asked for.
             device.virtual_size_bytes = size
-        if size != old and h.engine.volume_status(h.spec, dev_id).active:
+        if size != old and h.engine.volume_device(h.spec, dev_id) is not None:
             try:
                 h.engine.resize_volume(h.spec, dev_id, size_bytes=size)
             except BaseException as exc:
@@ -205,10 +205,14 @@ def deactivate_volume(mgr: Manager, pool_name: str, name: str, *, force: bool = 
         with mgr.catalog.read() as session:
             device = _usable(session, session.get_one(Pool, h.id), name)
             row, dev_id = device.id, device.thin_id
-        status = h.engine.volume_status(h.spec, dev_id)
-        if status.active:
-            if status.open_count > 0 and not force:
+        if force:  # openers are not asked about: no need to count them
+            active = h.engine.volume_device(h.spec, dev_id) is not None
+        else:
+            status = h.engine.volume_status(h.spec, dev_id)
+            if status.active and status.open_count > 0:
                 raise _open_error(name, status)
+            active = status.active
+        if active:
             journal.deactivate_with_retries(h, dev_id, force=force)
         with mgr.catalog.write() as session:
             session.get_one(Device, row).state = DeviceState.INACTIVE
@@ -242,9 +246,10 @@ def remove_volume(mgr: Manager, pool_name: str, name: str, *, force: bool = Fals
                 raise ConflictError(f"volume {name!r} holds an image layer; remove the image")
             if session.scalars(select(Container.id).where(Container.device_id == row)).first():
                 raise ConflictError(f"volume {name!r} is a container's disk; remove the container")
-        status = h.engine.volume_status(h.spec, dev_id)
-        if status.active and status.open_count > 0 and not force:
-            raise _open_error(name, status)
+        if not force:
+            status = h.engine.volume_status(h.spec, dev_id)
+            if status.active and status.open_count > 0:
+                raise _open_error(name, status)
         removed = journal.remove_device(mgr, h, row, force=force)
     return RemoveResult(pool_name, name, removed, not removed)
 
@@ -257,7 +262,7 @@ def reactivate(mgr: Manager, h: PoolHandle) -> list[str]:
         ).all()
     notes = []
     for device in devices:
-        if h.engine.volume_status(h.spec, device.thin_id).active:
+        if h.engine.volume_device(h.spec, device.thin_id) is not None:
             continue
         try:
             h.engine.activate_volume(

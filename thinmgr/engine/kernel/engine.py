@@ -621,6 +621,13 @@ class KernelEngine:
         self.dm.load_table(info.name, [grown.target()], read_only=info.read_only)
         self.dm.resume(info.name, lockfs=False)
 
+    def volume_device(self, spec: PoolSpec, dev_id: int) -> Path | None:
+        check_dev_id(dev_id)
+        info = self._volume(spec, dev_id)
+        if info is None or not info.has_active_table:
+            return None
+        return node_path(info.name, self.mapper_dir)
+
     def volume_status(self, spec: PoolSpec, dev_id: int) -> VolumeStatus:
         check_dev_id(dev_id)
         info = self._volume(spec, dev_id)

@@ -52,6 +52,7 @@ from thinmgr.engine.user.runstate import (
 )
 from thinmgr.errors import (
     BusyError,
+    InternalError,
     IOFailure,
     NotFoundError,
     ThinmgrError,
@@ -221,6 +222,18 @@ class UserEngine:
             ),
             local,
         )
+
+    def volume_device(self, spec: PoolSpec, dev_id: int) -> Path | None:
+        try:
+            with client.Connection(client.socket_path(spec.run_dir)) as conn:
+                try:
+                    device = conn.request("volume_device", dev=dev_id)
+                except InternalError:
+                    # A server started by an older thinmgr does not know the request.
+                    device = conn.request("volume_status", dev=dev_id)["device"]
+        except client.ServerGone:
+            return None  # no server: nothing of the pool is active
+        return None if device is None else Path(device)
 
     @contextlib.contextmanager
     def suspended(self, spec: PoolSpec, dev_id: int) -> Iterator[None]:

@@ -215,6 +215,7 @@ class PoolServer:
             "thin_ids": lambda: sorted(self.pool.thin_ids()),
             "thin_status": self.thin_status,
             "volume_status": self.volume_status,
+            "volume_device": self.volume_device,
             "commit": self.commit,
             "extend": self._message("extend_data"),
             "create_thin": self._message("create_thin"),
@@ -318,6 +319,10 @@ class PoolServer:
         with self._mutex:
             mapped, highest = _thin_counts(self.pool.thin_status(dev))
         return [mapped, highest]
+
+    def volume_device(self, dev: int) -> str | None:
+        active = self.volumes.get(dev)
+        return None if active is None else active.block.device
 
     def volume_status(self, dev: int) -> dict[str, Any]:
         mapped, highest = self.thin_status(dev)
