@@ -116,3 +116,19 @@ def test_parse_junit() -> None:
     assert cases[("tests.lab.t", "test_bad")].outcome == "failed"
     assert cases[("tests.lab.t", "test_bad")].details == "trace here"
     assert cases[("tests.lab.t", "test_skip")].message == "no dmsetup"
+
+
+def test_a_guest_that_never_gets_ready_is_killed_early(tmp_path: Path) -> None:
+    import time
+
+    from thinmgr.lab.vm import run_vm
+
+    started = time.monotonic()
+    stalled = run_vm(["sh", "-c", "echo booting; exec sleep 30"], 20, ready_timeout=0.5)
+    assert time.monotonic() - started < 5  # not the whole run's 20 s
+    assert stalled.never_ready and stalled.timed_out and stalled.tail() == ["booting"]
+    with pytest.raises(GuestError, match=r"(?s)did not get ready within.*booting"):
+        check_outcome(stalled, tmp_path, 20)
+    # Once ready, only the run's own timeout applies.
+    ready = run_vm(["sh", "-c", "echo 'LAB_T ready 1'; exec sleep 30"], 1.5, ready_timeout=0.5)
+    assert ready.timed_out and not ready.never_ready and ready.seconds >= 1.5

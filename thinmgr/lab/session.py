@@ -23,6 +23,10 @@ from thinmgr.lab.qemu import GuestSpec, find_qemu, qemu_argv
 from thinmgr.lab.vm import VmResult, run_vm
 
 SETUP_FAILED = 125  # the guest init's exit code when it could not reach the command
+# Seconds a guest may take to print its "ready" marker before it is taken for stalled and
+# killed: boots take 2-3 s under TCG here (docs/kernel-lab.md); twice in CI a guest printed
+# nothing at all and ran into the whole run's timeout (600 s) instead.
+READY_TIMEOUT = 60.0
 PASSED_ENV_PREFIXES = ("THINMGR_",)
 PASSED_ENV = ("CI", "LANG", "LC_ALL", "TZ")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -86,6 +90,7 @@ def run_in_lab(
     on_output: Callable[[ConsoleLine], None] | None = None,
     machine: str = "microvm",
     results: Path | None = None,
+    ready_timeout: float | None = READY_TIMEOUT,
 ) -> LabRun:
     """Boot a guest, run ``argv`` in it, power off; raise ``GuestError`` unless the
     command ran to its end (whatever its exit code).
@@ -110,12 +115,20 @@ def run_in_lab(
         memory_mb=memory_mb,
         machine=machine,
     )
-    vm = run_vm(qemu_argv(spec, qemu), timeout, on_output)
+    vm = run_vm(qemu_argv(spec, qemu), timeout, on_output, ready_timeout=ready_timeout)
     return LabRun(check_outcome(vm, results, timeout), vm, results)
 
 
 def check_outcome(vm: VmResult, results: Path, timeout: float) -> int:
     """The command's exit code, or ``GuestError`` saying why there is none."""
+    if vm.never_ready:
+        raise GuestError(
+            f"the lab guest did not get ready within {vm.seconds:.0f} s (qemu killed; a boot "
+            "takes a few seconds)",
+            console_tail=vm.tail(),
+            hint="A one-off stall of the emulated guest: run again. If it repeats, "
+            "`thinmgr lab run -- true` shows the boot log.",
+        )
     if vm.timed_out:
         raise GuestError(
             f"the lab guest did not finish within {timeout:g} s (qemu killed)",

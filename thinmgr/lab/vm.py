@@ -19,6 +19,7 @@ class VmResult:
     state: ConsoleState
     lines: list[ConsoleLine] = field(default_factory=list)
     timed_out: bool = False
+    never_ready: bool = False  # killed because the guest did not reach "ready" in time
     qemu_status: int | None = None
     seconds: float = 0.0
 
@@ -30,10 +31,14 @@ def run_vm(
     argv: list[str],
     timeout: float,
     on_output: Callable[[ConsoleLine], None] | None = None,
+    *,
+    ready_timeout: float | None = None,
 ) -> VmResult:
     """Run qemu until it exits or ``timeout`` seconds pass (then kill it).
 
-    ``on_output`` gets every console line that is not a marker, as it arrives.
+    ``on_output`` gets every console line that is not a marker, as it arrives. A guest
+    that has not printed its ``ready`` marker after ``ready_timeout`` seconds is killed at
+    once (``never_ready``): a boot takes seconds even under TCG, a stalled one never ends.
     """
     started = time.monotonic()
     result = VmResult(ConsoleState())
@@ -56,9 +61,18 @@ def run_vm(
         with selectors.DefaultSelector() as selector:
             selector.register(proc.stdout, selectors.EVENT_READ)
             while True:
-                left = timeout - (time.monotonic() - started)
+                elapsed = time.monotonic() - started
+                left = timeout - elapsed
                 if left <= 0:
                     result.timed_out = True
+                    break
+                if (
+                    ready_timeout is not None
+                    and elapsed > ready_timeout
+                    and "ready" not in result.state.phases
+                    and result.state.exit_code is None
+                ):
+                    result.timed_out = result.never_ready = True
                     break
                 if not selector.select(min(left, 1.0)):
                     continue
