@@ -116,10 +116,11 @@ def _run_guest(session: pytest.Session) -> GuestOutcomes:
             outcomes.by_nodeid = finished
             return outcomes
     console = "\n".join(line.text for line in lab_run.vm.lines[-CONSOLE_TAIL:])
+    stalls = lab_run.stalled_boots
     summary = (
         f"lab guest: ready after {lab_run.boot_seconds or 0:.1f} s, "
         f"whole run {time.monotonic() - started:.1f} s, guest pytest exit {lab_run.exit_code}"
-        f"{retried}"
+        f"{f'; {stalls} stalled boot(s) tried again' if stalls else ''}{retried}"
     )
     try:
         cases = parse_junit(junit.read_bytes())

@@ -132,3 +132,38 @@ def test_a_guest_that_never_gets_ready_is_killed_early(tmp_path: Path) -> None:
     # Once ready, only the run's own timeout applies.
     ready = run_vm(["sh", "-c", "echo 'LAB_T ready 1'; exec sleep 30"], 1.5, ready_timeout=0.5)
     assert ready.timed_out and not ready.never_ready and ready.seconds >= 1.5
+
+
+def test_stalled_boots_are_tried_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A boot killed before "ready" ran nothing: run_in_lab boots again, up to BOOT_ATTEMPTS."""
+    from types import SimpleNamespace
+
+    from thinmgr.lab import session
+
+    monkeypatch.setattr(session, "find_qemu", lambda: "qemu")
+    monkeypatch.setattr(
+        session, "require_kernel", lambda: SimpleNamespace(vmlinux=Path("/k/vmlinux"))
+    )
+    monkeypatch.setattr(session, "build_initramfs", lambda kernel, machine: b"initrd")
+    boots: list[VmResult] = []
+
+    def stalled() -> VmResult:
+        return VmResult(ConsoleState(), [], timed_out=True, never_ready=True, seconds=30)
+
+    def done() -> VmResult:
+        state = ConsoleState(exit_code=0)
+        state.phases["ready"] = 2.0
+        return VmResult(state, [ConsoleLine(2.0, "LAB_T ready 1")], qemu_status=0)
+
+    outcomes = [stalled(), stalled(), done()]
+    monkeypatch.setattr(
+        session, "run_vm", lambda *a, **k: boots.append(outcomes[len(boots)]) or boots[-1]
+    )
+    run = session.run_in_lab(["true"], cwd=tmp_path, results=tmp_path)
+    assert (run.exit_code, run.stalled_boots, len(boots)) == (0, 2, 3)
+
+    boots.clear()
+    outcomes[:] = [stalled()] * session.BOOT_ATTEMPTS + [done()]
+    with pytest.raises(GuestError, match="did not get ready"):
+        session.run_in_lab(["true"], cwd=tmp_path, results=tmp_path)
+    assert len(boots) == session.BOOT_ATTEMPTS  # then it gives up
