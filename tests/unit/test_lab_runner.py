@@ -167,3 +167,19 @@ def test_stalled_boots_are_tried_again(monkeypatch: pytest.MonkeyPatch, tmp_path
     with pytest.raises(GuestError, match="did not get ready"):
         session.run_in_lab(["true"], cwd=tmp_path, results=tmp_path)
     assert len(boots) == session.BOOT_ATTEMPTS  # then it gives up
+
+
+def test_lab_run_says_when_boots_were_tried_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from thinmgr.cli.app import run
+    from thinmgr.lab import session
+
+    state = ConsoleState(exit_code=0)
+    state.phases["ready"] = 2.0
+    done = session.LabRun(0, VmResult(state), tmp_path / "results", stalled_boots=1)
+    monkeypatch.setattr(session, "run_in_lab", lambda *a, **k: done)
+    assert run(["lab", "run", "--", "true"]) == 0
+    assert "1 boot(s) stalled before the guest was ready and were tried again" in (
+        capsys.readouterr().err
+    )

@@ -97,6 +97,11 @@ def run(
         sys.stdout.flush()
 
     lab_run = run_in_lab(command, timeout=timeout, memory_mb=memory, on_output=show)
+    if lab_run.stalled_boots:
+        sys.stderr.write(
+            f"lab: {lab_run.stalled_boots} boot(s) stalled before the guest was ready and were "
+            "tried again (TSC calibration under TCG; docs/kernel-lab.md)\n"
+        )
     if boot_time and lab_run.boot_seconds is not None:
         sys.stderr.write(f"lab: guest ready after {lab_run.boot_seconds:.2f} s\n")
     if keep:
