@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from thinmgr.errors import ThinmgrError
 from thinmgr.kernel.errno_map import kernel_error
 
 # linux/fs.h: #define FIFREEZE _IOWR('X', 119, int), FITHAW _IOWR('X', 120, int)
@@ -157,29 +158,22 @@ def hold_mount(device: str | os.PathLike[str]) -> HeldMount | None:
         for mount in parse_mountinfo(text):
             if mount.device != number:
                 continue
-            path = f"/proc/{entry.name}/root{mount.mount_point.rstrip('/')}"
             try:
-                return HeldMount(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), path)
-            except OSError:
+                return hold_path(f"/proc/{entry.name}/root{mount.mount_point.rstrip('/')}")
+            except ThinmgrError:
                 break  # the process went away: another one of its namespace may serve
         else:
             seen.add(namespace)
     return None
 
 
-def _ioctl_on(mount_point: str, request: int, what: str) -> None:
-    fd = open_directory(mount_point)
-    try:
-        fcntl.ioctl(fd, request, 0)
-    except OSError as exc:
-        raise kernel_error(f"{what} {mount_point}", exc) from exc
-    finally:
-        os.close(fd)
-
-
 def freeze(mount_point: str) -> None:
     """FIFREEZE: flush the filesystem and block writes to it until ``thaw``."""
-    _ioctl_on(mount_point, FIFREEZE, "freeze")
+    fd = open_directory(mount_point)
+    try:
+        freeze_fd(fd, mount_point)
+    finally:
+        os.close(fd)
 
 
 def freeze_fd(fd: int, what: str) -> None:

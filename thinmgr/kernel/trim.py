@@ -20,6 +20,7 @@ import os
 import struct
 
 from thinmgr.kernel.errno_map import kernel_error
+from thinmgr.kernel.freeze import open_directory
 
 # linux/fs.h: struct fstrim_range { __u64 start; __u64 len; __u64 minlen; };
 # #define FITRIM _IOWR('X', 121, struct fstrim_range)
@@ -34,10 +35,7 @@ def trim_free_space(mount_point: str) -> int | None:
     None when the file system or its device cannot discard (EOPNOTSUPP, as fstrim reports
     "the discard operation is not supported"): nothing was done, which is not an error.
     """
-    try:
-        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise kernel_error(f"open {mount_point}", exc) from exc
+    fd = open_directory(mount_point)
     try:
         # The kernel writes back the number of bytes trimmed into ``len``.
         result = fcntl.ioctl(fd, FITRIM, FSTRIM_RANGE.pack(0, WHOLE, 0))
