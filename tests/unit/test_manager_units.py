@@ -157,3 +157,23 @@ def test_freeze_is_bounded_and_thaws_late(monkeypatch: pytest.MonkeyPatch, tmp_p
     while _fd_is_open(thawed[0]) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not _fd_is_open(thawed[0])
+
+
+def test_a_failed_freeze_closes_its_descriptor(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """EBUSY (already frozen) is a BusyError like the timeout, but nothing owns the
+    descriptor then: the freeze closes it."""
+    opened: list[int] = []
+    real_open = snapshots.open_directory
+    monkeypatch.setattr(
+        snapshots, "open_directory", lambda p: opened.append(real_open(p)) or opened[-1]
+    )
+
+    def refuse(fd: int, what: str) -> None:
+        raise BusyError(f"freeze {what}: Device or resource busy")
+
+    monkeypatch.setattr(snapshots, "freeze_fd", refuse)
+    with pytest.raises(BusyError, match="busy"), snapshots.frozen(str(tmp_path)):
+        pass
+    assert opened and not _fd_is_open(opened[0])

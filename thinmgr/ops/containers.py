@@ -552,8 +552,7 @@ def _create_device(mgr: Manager, plan: _Plan) -> None:
     As ``snapshots.create_snapshot`` does it (freeze + suspend a mounted origin), but with the
     container kind in the write-ahead row, so that no crash can leave it as a plain snapshot.
     """
-    from thinmgr.kernel.freeze import mounts_of
-    from thinmgr.ops.snapshots import frozen
+    from thinmgr.ops.snapshots import frozen_device
     from thinmgr.ops.volumes import allocate
 
     pool_name, origin = plan.target.pool, plan.target.origin
@@ -562,10 +561,6 @@ def _create_device(mgr: Manager, plan: _Plan) -> None:
             source = get_device(session, h.id, origin)
             origin_row, origin_dev, size = source.id, source.thin_id, source.virtual_size_bytes
         active_device = h.engine.volume_device(h.spec, origin_dev)
-        mount_point = None
-        if active_device is not None:
-            mounts = mounts_of(active_device)
-            mount_point = mounts[0].mount_point if mounts else None
 
         def prepare(session: Session, pool: Pool) -> dict[str, Any]:
             dev_id = allocate(session, pool, plan.device)
@@ -588,7 +583,7 @@ def _create_device(mgr: Manager, plan: _Plan) -> None:
             if active_device is None:
                 h.engine.create_snapshot(h.spec, dev_id, origin_dev)
                 return
-            with frozen(mount_point), h.engine.suspended(h.spec, origin_dev):
+            with frozen_device(active_device), h.engine.suspended(h.spec, origin_dev):
                 h.engine.create_snapshot(h.spec, dev_id, origin_dev)
 
         journal.execute(mgr, h, journal.CREATE_SNAPSHOT, prepare, apply)

@@ -36,7 +36,7 @@ def _freeze_bounded(fd: int, what: str, timeout: float) -> None:
     The ioctl cannot be interrupted; when we stop waiting, the worker thaws the filesystem
     itself once its freeze returns, and then closes ``fd``, which it owns from then on (the
     thread is not a daemon, so the interpreter waits for it at exit and the thaw is never
-    skipped). Otherwise ``fd`` stays the caller's.
+    skipped). A freeze that fails closes ``fd`` too: it stays the caller's only once frozen.
     """
     guard = threading.Lock()
     done = threading.Event()
@@ -67,6 +67,7 @@ def _freeze_bounded(fd: int, what: str, timeout: float) -> None:
                     "sync first.",
                 )
     if failure:
+        os.close(fd)
         raise failure[0]
 
 
@@ -85,13 +86,7 @@ def frozen(
         return
     what = label or mount_point
     fd = open_directory(mount_point)
-    try:
-        _freeze_bounded(fd, what, timeout)
-    except BusyError:
-        raise  # abandoned: the worker owns fd now
-    except BaseException:
-        os.close(fd)
-        raise
+    _freeze_bounded(fd, what, timeout)
     try:
         yield
     finally:
@@ -99,6 +94,19 @@ def frozen(
             thaw_fd(fd, what)
         finally:
             os.close(fd)
+
+
+@contextmanager
+def frozen_device(device: str | os.PathLike[str] | None) -> Iterator[None]:
+    """The file system on block device ``device`` frozen while the context lasts, wherever
+    it is mounted: here, or only in another mount namespace (a container's root). Nothing
+    is done for None or a device mounted nowhere."""
+    held = None if device is None else hold_mount(device)
+    if held is None:
+        yield
+        return
+    with held, frozen(held.path, label=held.origin):
+        yield
 
 
 def create_snapshot(
@@ -110,11 +118,6 @@ def create_snapshot(
             source = _usable(session, session.get_one(Pool, h.id), origin)
             origin_row, origin_dev, size = source.id, source.thin_id, source.virtual_size_bytes
         active_device = h.engine.volume_device(h.spec, origin_dev)
-        held = None
-        if active_device is not None:
-            # Also a container's root, mounted only in the container's mount namespace.
-            held = hold_mount(active_device)
-        mount_point, label = (None, None) if held is None else (held.path, held.origin)
 
         def prepare(session: Session, pool: Pool) -> dict[str, Any]:
             dev_id = allocate(session, pool, name)
@@ -137,12 +140,8 @@ def create_snapshot(
             if active_device is None:
                 h.engine.create_snapshot(h.spec, dev_id, origin_dev)
                 return
-            with frozen(mount_point, label=label), h.engine.suspended(h.spec, origin_dev):
+            with frozen_device(active_device), h.engine.suspended(h.spec, origin_dev):
                 h.engine.create_snapshot(h.spec, dev_id, origin_dev)
 
-        try:
-            journal.execute(mgr, h, journal.CREATE_SNAPSHOT, prepare, apply)
-        finally:
-            if held is not None:
-                held.close()
+        journal.execute(mgr, h, journal.CREATE_SNAPSHOT, prepare, apply)
     return show_volume(mgr, pool_name, name, engine=False)
